@@ -1,0 +1,23 @@
+"""sockcreator: privileged ports for unprivileged daemons.
+
+A tiny separate process (the *creator*, BIND 10's design) keeps the right to
+bind ports below 1024 and hands bound sockets over a Unix socket; everything
+else runs unprivileged.  See README.md.
+"""
+
+from ._errors import CreatorError, CreatorFatalError, SocketCreationError
+from ._protocol import Request, make_request
+from .aio import AsyncSocketCreator
+from .client import SocketCreator
+
+__all__ = [
+    "AsyncSocketCreator",
+    "CreatorError",
+    "CreatorFatalError",
+    "Request",
+    "SocketCreationError",
+    "SocketCreator",
+    "make_request",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,298 @@
+"""The asyncio client: the same protocol shell as :mod:`sockcreator.client`.
+
+Requests from concurrent tasks are written in order under a lock and their
+answers are dispatched to futures in the same order by one reader task, so
+concurrent awaits pipeline.  A waiter cancelled before its answer arrives
+does not lose the socket: the reader closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import subprocess
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+
+from ._channel import (
+    ANCBUFSIZE,
+    RECV_FLAGS,
+    RequestSpec,
+    adopt,
+    close_fds,
+    creator_argv,
+    normalize,
+    spawn,
+    unpack_fds,
+)
+from ._errors import CreatorFatalError, socket_creation_error
+from ._protocol import (
+    AddressSpec,
+    AnswerParser,
+    ProtocolSpec,
+    ProtocolViolation,
+    Request,
+    SocketReceived,
+)
+
+__all__ = ["AsyncSocketCreator"]
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class AsyncSocketCreator:
+    """asyncio twin of :class:`sockcreator.SocketCreator`.
+
+    ``async with AsyncSocketCreator() as c: sock = await c.get_socket(...)``;
+    or ``await AsyncSocketCreator().start()``, and ``await c.terminate()``.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str] | None = None,
+        *,
+        timeout: float = 10.0,
+        allow: Sequence[str] | None = None,
+        user: str | int | None = None,
+        harden: bool = True,
+    ) -> None:
+        if command is not None and (allow is not None or user is not None or not harden):
+            raise ValueError("allow/user/harden apply only to this package's creator")
+        self._argv = (
+            list(command)
+            if command is not None
+            else creator_argv(allow=allow, user=user, harden=harden)
+        )
+        self._init_state(timeout)
+
+    def _init_state(self, timeout: float) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self._timeout = timeout
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._parser = AnswerParser()
+        self._waiters: collections.deque[asyncio.Future[socket.socket]] = collections.deque()
+        self._write_lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+        self._closing = False
+        self._dead: str | None = None
+        self._last_error: CreatorFatalError | None = None
+
+    async def start(self) -> AsyncSocketCreator:
+        """Start the creator (fork/exec, as asyncio's own subprocess support does)."""
+        if self._sock is not None:
+            raise RuntimeError("already started")
+        sock, self._proc = spawn(self._argv)
+        self._attach(sock)
+        return self
+
+    def _attach(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket, *, timeout: float = 10.0) -> AsyncSocketCreator:
+        """Wrap an already connected channel (the handle then owns ``sock``)."""
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ValueError("the creator channel must be a Unix stream socket")
+        self = cls.__new__(cls)
+        self._argv = []
+        self._init_state(timeout)
+        self._attach(sock)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def get_socket(
+        self, protocol: ProtocolSpec, address: AddressSpec, port: int
+    ) -> socket.socket:
+        return (await self.get_sockets([(protocol, address, port)]))[0]
+
+    async def get_sockets(self, requests: Iterable[RequestSpec]) -> list[socket.socket]:
+        """Pipelined, all or nothing (see the blocking client)."""
+        reqs = normalize(requests)
+        if not reqs:
+            return []
+        futs = await self._submit(reqs)
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        socks = [r for r in results if isinstance(r, socket.socket)]
+        for r in results:
+            if isinstance(r, BaseException):
+                for s in socks:
+                    s.close()
+                raise r
+        return socks
+
+    async def _submit(self, reqs: list[Request]) -> list[asyncio.Future[socket.socket]]:
+        loop = asyncio.get_running_loop()
+        async with self._write_lock:
+            sock = self._usable()
+            futs = [loop.create_future() for _ in reqs]
+            for r, f in zip(reqs, futs, strict=True):
+                self._parser.expect(r)
+                self._waiters.append(f)
+            try:
+                await loop.sock_sendall(sock, b"".join(r.encode() for r in reqs))
+            except BaseException as e:
+                await self._fail(f"cannot write to the creator: {e!r}")
+                raise
+            self._ensure_reader()
+        return futs
+
+    def _usable(self) -> socket.socket:
+        if self._dead is not None:
+            raise CreatorFatalError(f"creator unusable: {self._dead}")
+        if self._sock is None:
+            raise RuntimeError("not started: use 'async with' or await start()")
+        if self._closing:
+            raise CreatorFatalError("creator unusable: terminating")
+        return self._sock
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def _recvmsg(self, sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data, anc, flags, _ = sock.recvmsg(n, ANCBUFSIZE, RECV_FLAGS)
+                return data, unpack_fds(anc, flags)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except ConnectionResetError:
+                return b"", []
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(sock.fileno(), _wake, ready)
+            try:
+                await asyncio.wait_for(ready, self._timeout)
+            finally:
+                loop.remove_reader(sock.fileno())
+
+    async def _read_loop(self) -> None:
+        assert self._sock is not None
+        try:
+            while self._waiters or self._closing:
+                try:
+                    data, fds = await self._recvmsg(self._sock, self._parser.bytes_wanted())
+                except asyncio.TimeoutError:
+                    raise ProtocolViolation(
+                        f"no answer from the creator within {self._timeout}s"
+                    ) from None
+                if not data:
+                    close_fds(fds)
+                    if self._closing and not self._waiters:
+                        break  # the clean end after 'T'
+                    raise ProtocolViolation("the creator closed the connection")
+                if not self._waiters and self._closing:
+                    close_fds(fds)
+                    raise ProtocolViolation(f"creator sent {data!r} instead of closing after 'T'")
+                try:
+                    events = self._parser.feed(data, fds)
+                except ProtocolViolation:
+                    close_fds(fds)
+                    raise
+                for i, ev in enumerate(events):
+                    fut = self._waiters.popleft()
+                    if isinstance(ev, SocketReceived):
+                        try:
+                            sock = adopt(ev.fd, ev.request)
+                        except ProtocolViolation:
+                            rest = events[i + 1 :]
+                            close_fds(e.fd for e in rest if isinstance(e, SocketReceived))
+                            raise
+                        if fut.done():  # its waiter was cancelled
+                            sock.close()
+                        else:
+                            fut.set_result(sock)
+                    elif not fut.done():
+                        fut.set_exception(socket_creation_error(ev.errno, ev.stage, ev.request))
+        except ProtocolViolation as e:
+            await self._fail(str(e), e.condition)
+        except BaseException as e:  # cancelled (loop closing) or a bug: never half-alive
+            await self._fail(f"reader stopped: {e!r}")
+            raise
+        finally:
+            self._reader = None
+
+    async def _fail(self, reason: str, condition: str | None = None) -> None:
+        """Kill and reap the creator; every waiter gets the CreatorFatalError."""
+        if self._dead is not None:
+            return
+        self._dead = reason
+        if self._sock is not None:
+            self._sock.close()
+        status = await self._reap(min(1.0, self._timeout))
+        err = CreatorFatalError(reason, condition=condition, exit_status=status)
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(err)
+        self._last_error = err
+
+    async def _reap(self, grace: float) -> int | None:
+        proc = self._proc
+        if proc is None:
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        delay = 0.001
+        while (status := proc.poll()) is None:
+            if loop.time() >= deadline:
+                proc.kill()
+                deadline = float("inf")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return status
+
+    async def terminate(self) -> None:
+        """Send 'T' after any pending requests, wait for EOF, reap.  Idempotent.
+
+        Raises CreatorFatalError if the creator answers 'T' with data or
+        stays silent past the timeout."""
+        if self._sock is None or self._dead is not None:
+            return
+        if not self._closing:
+            self._closing = True
+            async with self._write_lock:
+                try:
+                    await asyncio.get_running_loop().sock_sendall(self._sock, b"T")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # already gone: the reader sees EOF
+                except OSError as e:
+                    await self._fail(f"cannot terminate the creator: {e!r}")
+                self._ensure_reader()
+        reader = self._reader
+        if reader is not None:
+            await asyncio.shield(reader)
+        if self._last_error is not None:
+            raise self._last_error
+        if self._dead is None:
+            self._dead = "terminated"
+            self._sock.close()
+            await self._reap(self._timeout)
+
+    close = terminate
+
+    async def __aenter__(self) -> AsyncSocketCreator:
+        if self._sock is None:
+            await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.terminate()
+
+    def __repr__(self) -> str:
+        return f"<AsyncSocketCreator pid={self.pid} {self._dead or 'ready'}>"

@@ -1,0 +1,350 @@
+"""sockcreator's privileged socket creator: BIND 10's b10-sockcreator, in Python.
+
+Run only as ``python -I -S -B creator.py [OPTIONS]`` with an empty environment
+and stdin and stdout both the same Unix stream socket.  It imports nothing but
+the standard library and no other file of this package.
+
+Threat model
+------------
+The peer on stdin/stdout is unprivileged and may be compromised: it may send
+any bytes, stall, vanish or pass descriptors.  This process keeps the one
+right the peer lacks (CAP_NET_BIND_SERVICE) and must not lend out any other.
+Therefore: nothing from the environment, sys.path or site-packages is trusted
+(-I -S -B, empty env); every read has a fixed length; dispatch is an
+allow-list and anything else is fatal ('F' 'I', exit); descriptors sent to us
+are discarded (no ancillary buffer); every other inherited descriptor is
+closed.  On Linux, before the first request, the process drops to the target
+uid/gid, keeps only CAP_NET_BIND_SERVICE, sets no_new_privs and PDEATHSIG,
+and installs a seccomp filter that allows only the loop's system calls and
+socket() for AF_INET/AF_INET6 stream/datagram.  An allow-list policy given at
+start is enforced here, because only here does enforcing it mean anything.
+Not in scope: a peer that already shares our uid (it can ptrace us unless
+the uid differs or ptrace is restricted), and kernel bugs.
+
+Options (all given by the trusted starter, never by the peer)::
+
+    --allow PROTO:ADDR:PORTS  allow requests matching this (repeatable);
+                              PROTO tcp|udp|*, ADDR 1.2.3.4|[::1]|*,
+                              PORTS 80 or 8000-8080
+    --allow-all               allow every request (must be explicit)
+    --uid N --gid N           drop to this uid/gid (root only)
+    --no-harden               keep full privileges (the seed's behaviour)
+
+Exit statuses: 0 after 'T'; 10 EOF or read error (the peer went away);
+11 write error; 12 protocol error (after 'F' 'I'); 13 internal error;
+14 bad start (stdio is not one Unix stream socket, or bad options);
+15 hardening failed.
+"""
+
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+
+EXIT_OK, EXIT_READ, EXIT_WRITE, EXIT_PROTOCOL, EXIT_INTERNAL, EXIT_START, EXIT_HARDEN = (
+    0,
+    10,
+    11,
+    12,
+    13,
+    14,
+    15,
+)
+INT = struct.Struct("@i")  # errno in an 'E' answer: native C int
+CAP_NET_BIND_SERVICE = 10
+# IPv6 minimum-MTU options; Python lacks the Linux constants.
+IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
+IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+IPV6_PMTUDISC_DONT = getattr(socket, "IPV6_PMTUDISC_DONT", 0)
+
+Rule = tuple[bytes, bytes, bytes, int, int]  # type, family, packed addr ('' = any), lo, hi
+
+
+def log(message: str) -> None:
+    try:
+        os.write(2, f"sockcreator-creator: {message}\n".encode("ascii", "replace"))
+    except OSError:
+        pass
+
+
+def die(status: int, message: str = "") -> None:
+    if message:
+        log(message)
+    os._exit(status)
+
+
+def parse_rule(spec: str) -> Rule:
+    """PROTO:ADDR:PORTS -> rule; ValueError if malformed."""
+    proto, _, rest = spec.partition(":")
+    host, _, ports = rest.rpartition(":")
+    kind = {"tcp": b"T", "udp": b"U", "*": b""}[proto]  # KeyError is a ValueError below
+    if host == "*":
+        family, packed = b"", b""
+    elif host.startswith("[") and host.endswith("]"):
+        family, packed = b"6", socket.inet_pton(socket.AF_INET6, host[1:-1])
+    else:
+        family, packed = b"4", socket.inet_pton(socket.AF_INET, host)
+    lo_s, _, hi_s = ports.partition("-")
+    hi_s = hi_s or lo_s
+    if not (lo_s.isascii() and lo_s.isdigit() and hi_s.isascii() and hi_s.isdigit()):
+        raise ValueError(spec)
+    lo, hi = int(lo_s), int(hi_s)
+    if not lo <= hi <= 65535:
+        raise ValueError(spec)
+    return kind, family, packed, lo, hi
+
+
+def parse_args(argv: list[str]) -> tuple[list[Rule] | None, int | None, int | None, bool]:
+    rules: list[Rule] = []
+    allow_all, uid, gid, harden = False, None, None, True
+    it = iter(argv)
+    try:
+        for arg in it:
+            if arg == "--allow":
+                rules.append(parse_rule(next(it)))
+            elif arg == "--allow-all":
+                allow_all = True
+            elif arg == "--uid":
+                uid = int(next(it))
+            elif arg == "--gid":
+                gid = int(next(it))
+            elif arg == "--no-harden":
+                harden = False
+            else:
+                raise ValueError(arg)
+    except (ValueError, KeyError, OSError, StopIteration) as e:
+        die(EXIT_START, f"bad option near {e!s:.80}")
+    if allow_all == bool(rules) or (uid is None) != (gid is None) or (uid is not None and uid < 0):
+        die(EXIT_START, "need exactly one of --allow-all or --allow, and --uid with --gid")
+    return (None if allow_all else rules), uid, gid, harden
+
+
+def open_channel() -> tuple[socket.socket, socket.socket]:
+    """stdin and stdout must be one Unix stream socket (descriptors go only there)."""
+    try:
+        st0, st1 = os.fstat(0), os.fstat(1)
+        if stat.S_ISSOCK(st0.st_mode) and (st0.st_dev, st0.st_ino) == (st1.st_dev, st1.st_ino):
+            rd, wr = socket.socket(fileno=0), socket.socket(fileno=1)
+            if rd.family == socket.AF_UNIX and rd.type == socket.SOCK_STREAM:
+                rd.setblocking(True)
+                wr.setblocking(True)
+                return rd, wr
+    except OSError:
+        pass
+    die(EXIT_START, "stdin and stdout must be the same Unix stream socket")
+    raise AssertionError  # not reached
+
+
+def harden(uid: int | None, gid: int | None, parent: int) -> None:
+    """Linux: drop to uid/gid and CAP_NET_BIND_SERVICE, then lock down with seccomp."""
+    import ctypes  # only here: the unhardened path never loads it
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)  # by soname, never find_library
+
+    def prctl(*args: int) -> int:
+        r: int = libc.prctl(*(ctypes.c_ulong(a) for a in args))
+        if r < 0:
+            raise OSError(ctypes.get_errno(), f"prctl{args}")
+        return r
+
+    if len(os.listdir("/proc/self/task")) != 1:
+        raise OSError(0, "more than one thread")
+    if os.geteuid() == 0:
+        for cap in range(64):  # bounding set: keep only CAP_NET_BIND_SERVICE
+            try:
+                prctl(23, cap)  # PR_CAPBSET_READ; EINVAL past the last capability
+            except OSError:
+                break
+            if cap != CAP_NET_BIND_SERVICE:
+                prctl(24, cap)  # PR_CAPBSET_DROP
+    prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    if uid is not None and gid is not None:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        prctl(8, 1)  # PR_SET_KEEPCAPS
+        os.setresuid(uid, uid, uid)
+        prctl(8, 0)
+        if os.getresuid() != (uid,) * 3 or os.getresgid() != (gid,) * 3 or os.getgroups():
+            raise OSError(0, "credentials did not change")
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) x 2 words
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    keep = data[1] & (1 << CAP_NET_BIND_SERVICE)  # keep it only if we have it
+    data = (ctypes.c_uint32 * 6)(keep, keep, 0, 0, 0, 0)
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+    if uid not in (None, 0):
+        try:
+            os.setresuid(0, 0, 0)
+        except PermissionError:
+            pass
+        else:
+            raise OSError(0, "root could be regained")
+    prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG; after the last credential change
+    if os.getppid() != parent:
+        raise OSError(0, "parent exited during start")
+    code = seccomp_filter(os.uname().machine)
+    filt = ctypes.create_string_buffer(code)
+    fprog = ctypes.create_string_buffer(struct.pack("@HP", len(code) // 8, ctypes.addressof(filt)))
+    prctl(22, 2, ctypes.addressof(fprog))  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+
+
+# Audit architecture, and the system calls the loop needs (socket() is checked apart).
+ARCHES = {"x86_64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7)}
+SYSCALLS = {  # name: (x86_64, aarch64)
+    "read": (0, 63),
+    "write": (1, 64),
+    "close": (3, 57),
+    "recvfrom": (45, 207),
+    "sendto": (44, 206),
+    "sendmsg": (46, 211),
+    "setsockopt": (54, 208),
+    "bind": (49, 200),
+    "brk": (12, 214),
+    "mmap": (9, 222),
+    "munmap": (11, 215),
+    "mremap": (25, 216),
+    "mprotect": (10, 226),
+    "madvise": (28, 233),
+    "futex": (202, 98),
+    "rt_sigreturn": (15, 139),
+    "clock_gettime": (228, 113),
+    "exit": (60, 93),
+    "exit_group": (231, 94),
+}
+SOCKET = (41, 198)
+
+
+def seccomp_filter(machine: str) -> bytes:
+    """Classic BPF: right arch, listed calls, socket() only for INET/INET6 stream/dgram."""
+    col, arch = ARCHES[machine]  # KeyError: unsupported arch, hardening fails
+    allowed, sock_nr = [nrs[col] for nrs in SYSCALLS.values()], SOCKET[col]
+    ld, jeq, ret, kill, allow = 0x20, 0x15, 0x06, 0x80000000, 0x7FFF0000
+    n = len(allowed)
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0)]
+    prog += [(jeq, n + 8 - i, 0, nr) for i, nr in enumerate(allowed)]
+    prog += [
+        (jeq, 0, 7, sock_nr),
+        (ld, 0, 0, 16),
+        (jeq, 1, 0, socket.AF_INET),
+        (jeq, 0, 4, socket.AF_INET6),
+        (ld, 0, 0, 24),
+        (0x54, 0, 0, 0xF),
+        (jeq, 2, 0, socket.SOCK_STREAM),
+        (jeq, 1, 0, socket.SOCK_DGRAM),
+        (ret, 0, 0, kill),
+        (ret, 0, 0, allow),
+    ]
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+
+
+def allowed(rules: list[Rule] | None, kind: bytes, family: bytes, addr: bytes, port: int) -> bool:
+    return rules is None or any(
+        rk in (b"", kind) and (rf == b"" or (rf, ra) == (family, addr)) and lo <= port <= hi
+        for rk, rf, ra, lo, hi in rules
+    )
+
+
+def read_exact(rd: socket.socket, n: int) -> bytes:
+    """Exactly n bytes; EOF or a read error means the peer is gone."""
+    buf = b""
+    while len(buf) < n:
+        try:
+            chunk = rd.recv(n - len(buf))  # no ancillary buffer: sent descriptors are dropped
+        except OSError:
+            chunk = b""
+        if not chunk:
+            die(EXIT_READ, "end of input inside a request" if buf else "")
+        buf += chunk
+    return buf
+
+
+def create(kind: bytes, family: bytes, port: bytes, addr: bytes) -> socket.socket | bytes:
+    """The socket, or the 'E' answer to send."""
+    fam = socket.AF_INET if family == b"4" else socket.AF_INET6
+    typ = socket.SOCK_STREAM if kind == b"T" else socket.SOCK_DGRAM
+    try:
+        sock = socket.socket(fam, typ)
+    except OSError as e:
+        return b"ES" + INT.pack(e.errno or 0)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if typ == socket.SOCK_DGRAM:
+                if hasattr(socket, "IPV6_USE_MIN_MTU"):
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_USE_MIN_MTU, 1)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU, 1280)
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DONT)
+        host = socket.inet_ntop(fam, addr)  # numeric: bind() does no name lookup
+        sock.bind((host, int.from_bytes(port, "big")))
+    except OSError as e:
+        sock.close()
+        return b"EB" + INT.pack(e.errno or 0)
+    return sock
+
+
+def serve(rd: socket.socket, wr: socket.socket, rules: list[Rule] | None) -> None:
+    while True:
+        command = read_exact(rd, 1)
+        if command == b"T":
+            die(EXIT_OK)
+        kind = read_exact(rd, 1) if command == b"S" else b""
+        family = read_exact(rd, 1) if kind in (b"T", b"U") else b""
+        if family not in (b"4", b"6"):
+            try:
+                wr.sendall(b"FI")
+            except OSError:
+                die(EXIT_WRITE)
+            die(EXIT_PROTOCOL, f"invalid input {(command + kind + family)!r}")
+        port = read_exact(rd, 2)
+        addr = read_exact(rd, 4 if family == b"4" else 16)
+        if allowed(rules, kind, family, addr, int.from_bytes(port, "big")):
+            result = create(kind, family, port, addr)
+        else:
+            fam = socket.AF_INET if family == b"4" else socket.AF_INET6
+            log(
+                f"denied {'tcp' if kind == b'T' else 'udp'} {socket.inet_ntop(fam, addr)} "
+                f"port {int.from_bytes(port, 'big')} by policy"
+            )
+            result = b"EB" + INT.pack(1)  # EPERM
+        try:
+            if isinstance(result, bytes):
+                wr.sendall(result)
+                continue
+            with result:
+                wr.sendall(b"S")
+                rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, INT.pack(result.fileno()))
+                wr.sendmsg([b"\0"], [rights])  # one data byte carries it, as BIND 10 does
+        except OSError:
+            die(EXIT_WRITE)
+
+
+def main() -> None:
+    parent = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    rd, wr = open_channel()
+    rules, uid, gid, want_harden = parse_args(sys.argv[1:])
+    os.closerange(3, 2**31 - 1)  # every other inherited descriptor
+    if want_harden:
+        try:
+            if not sys.platform.startswith("linux"):
+                raise OSError(0, "hardening is Linux-only (use --no-harden)")
+            harden(uid, gid, parent)
+        except (OSError, KeyError) as e:
+            die(EXIT_HARDEN, f"hardening failed: {e!s:.200}")
+    elif uid is not None and gid is not None:
+        die(EXIT_START, "--uid needs hardening")
+    serve(rd, wr, rules)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BaseException as e:  # last resort: one line, a fixed status
+        die(EXIT_INTERNAL, f"internal error: {type(e).__name__}: {e!s:.200}")
