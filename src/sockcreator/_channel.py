@@ -5,13 +5,14 @@ reaping the child.  No protocol logic lives here (that is ``_protocol``)."""
 from __future__ import annotations
 
 import array
+import concurrent.futures
 import contextlib
-import ipaddress
 import os
 import pwd
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -39,6 +40,12 @@ CREATOR_PATH = str(Path(__file__).resolve().with_name("creator.py"))
 #: the kernel drops (never installs) whatever does not fit (MSG_CTRUNC).
 ANCBUFSIZE = socket.CMSG_SPACE(8 * array.array("i").itemsize)
 RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag '&' costs a microsecond
+# A socket object's family and type as the kernel gave them (SO_DOMAIN and
+# SO_TYPE, read when the object is made), as plain ints: socket.socket's own
+# properties turn them into enums at a microsecond each.
+_kernel_family = socket.SocketType.family.__get__
+_kernel_type = socket.SocketType.type.__get__
 
 RequestSpec = Union[Request, tuple[ProtocolSpec, AddressSpec, int]]
 
@@ -77,11 +84,33 @@ def creator_argv(
         argv += ["--uid", str(pw.pw_uid), "--gid", str(pw.pw_gid)]
     if not harden:
         argv.append("--no-harden")
+    # Our pid, known before the fork: if we die before the creator has set
+    # PR_SET_PDEATHSIG, it sees a parent other than this and exits.
+    argv += ["--parent", str(os.getpid())]
     return argv
 
 
+_spawner: concurrent.futures.ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
 def spawn(argv: Sequence[str]) -> tuple[socket.socket, subprocess.Popen[bytes]]:
-    """Start ``argv`` on one end of a socketpair, in its own process group."""
+    """Start ``argv`` on one end of a socketpair, in its own process group.
+
+    Linux sends PR_SET_PDEATHSIG when the *thread* that forked the creator
+    exits, not the process.  So a creator is only ever forked by the main
+    thread or by one spawner thread that lives as long as the process:
+    a SocketCreator made in a short-lived worker thread survives it."""
+    global _spawner
+    if threading.current_thread() is threading.main_thread():
+        return _spawn(argv)
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = concurrent.futures.ThreadPoolExecutor(1, "sockcreator-spawner")
+    return _spawner.submit(_spawn, argv).result()
+
+
+def _spawn(argv: Sequence[str]) -> tuple[socket.socket, subprocess.Popen[bytes]]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     kwargs: dict[str, Any] = (
         {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
@@ -121,10 +150,21 @@ def unpack_fds(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
     if not RECV_FLAGS:  # no MSG_CMSG_CLOEXEC on this system: at once, then
         for fd in fds:
             os.set_inheritable(fd, False)
-    if flags & socket.MSG_CTRUNC:
+    if flags & _MSG_CTRUNC:
         close_fds(fds)
         raise ProtocolViolation("too many descriptors in one message (MSG_CTRUNC)")
     return fds
+
+
+def _describe(family: int, kind: int) -> str:
+    """Names such as AF_INET/SOCK_STREAM, or the kernel's numbers where no name fits."""
+    names = []
+    for value, enum_type in ((family, socket.AddressFamily), (kind, socket.SocketKind)):
+        try:
+            names.append(enum_type(value).name)
+        except ValueError:
+            names.append(str(value))
+    return "/".join(names)
 
 
 def adopt(fd: int, request: Request) -> socket.socket:
@@ -138,15 +178,17 @@ def adopt(fd: int, request: Request) -> socket.socket:
         os.close(fd)
         raise ProtocolViolation(f"received descriptor is not a socket: {e}") from None
     try:
+        family, kind = _kernel_family(sock), _kernel_type(sock)
+        if family != request.family or kind != request.type:
+            raise ProtocolViolation(f"asked for {request}, received {_describe(family, kind)}")
         host, port = sock.getsockname()[:2]
-        if (
-            sock.family != request.family
-            or sock.type != request.type
-            or ipaddress.ip_address(host) != request.address
-            or (request.port and port != request.port)
-        ):
+        try:  # compare bytes, not parsed objects (a scope suffix fails here, as it must)
+            packed = socket.inet_pton(family, host)
+        except OSError:
+            packed = b""
+        if packed != request.address.packed or (request.port and port != request.port):
             raise ProtocolViolation(
-                f"asked for {request}, received {sock.family.name}/{sock.type.name} {host} {port}"
+                f"asked for {request}, received {_describe(family, kind)} {host} {port}"
             )
     except BaseException:
         sock.close()

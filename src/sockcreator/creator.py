@@ -21,6 +21,18 @@ start is enforced here, because only here does enforcing it mean anything.
 Not in scope: a peer that already shares our uid (it can ptrace us unless
 the uid differs or ptrace is restricted), and kernel bugs.
 
+Requests (fixed length; anything else is answered 'F' 'I', then exit 12)::
+
+    'T'                                          terminate (no answer)
+    'S' ('T'|'U') ('4'|'6') port[2] addr[4|16]   BIND 10's request, byte for byte
+    'P' ('T'|'U') ('4'|'6') port[2] addr[4|16] flags[1]
+        as 'S', plus options set after SO_REUSEADDR and before bind():
+        1 SO_REUSEPORT, 2 IPV6_V6ONLY off (family '6' only), 4 IP_FREEBIND
+
+Answers to 'S' and 'P': 'S' then one data byte carrying the descriptor
+(SCM_RIGHTS), or 'E' ('S'|'B') errno[native int].  Port and address are in
+network byte order.
+
 Options (all given by the trusted starter, never by the peer)::
 
     --allow PROTO:ADDR:PORTS  allow requests matching this (repeatable);
@@ -29,6 +41,9 @@ Options (all given by the trusted starter, never by the peer)::
     --allow-all               allow every request (must be explicit)
     --uid N --gid N           drop to this uid/gid (root only)
     --no-harden               keep full privileges (the seed's behaviour)
+    --parent PID              the pid that starts us (default: our parent at
+                              start); if our parent is not PID once PDEATHSIG
+                              is set, it died early: exit
 
 Exit statuses: 0 after 'T'; 10 EOF or read error (the peer went away);
 11 write error; 12 protocol error (after 'F' 'I'); 13 internal error;
@@ -58,6 +73,10 @@ CAP_NET_BIND_SERVICE = 10
 IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
 IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
 IPV6_PMTUDISC_DONT = getattr(socket, "IPV6_PMTUDISC_DONT", 0)
+# 'P' flag bits, and the Linux values of options Python may lack.
+P_REUSEPORT, P_DUALSTACK, P_FREEBIND = 1, 2, 4
+SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 
 Rule = tuple[bytes, bytes, bytes, int, int]  # type, family, packed addr ('' = any), lo, hi
 
@@ -96,9 +115,11 @@ def parse_rule(spec: str) -> Rule:
     return kind, family, packed, lo, hi
 
 
-def parse_args(argv: list[str]) -> tuple[list[Rule] | None, int | None, int | None, bool]:
+def parse_args(
+    argv: list[str],
+) -> tuple[list[Rule] | None, int | None, int | None, bool, int | None]:
     rules: list[Rule] = []
-    allow_all, uid, gid, harden = False, None, None, True
+    allow_all, uid, gid, harden, parent = False, None, None, True, None
     it = iter(argv)
     try:
         for arg in it:
@@ -112,13 +133,17 @@ def parse_args(argv: list[str]) -> tuple[list[Rule] | None, int | None, int | No
                 gid = int(next(it))
             elif arg == "--no-harden":
                 harden = False
+            elif arg == "--parent":
+                parent = int(next(it))
             else:
                 raise ValueError(arg)
     except (ValueError, KeyError, OSError, StopIteration) as e:
         die(EXIT_START, f"bad option near {e!s:.80}")
+    if parent is not None and parent <= 0:
+        die(EXIT_START, "--parent must be a pid")
     if allow_all == bool(rules) or (uid is None) != (gid is None) or (uid is not None and uid < 0):
         die(EXIT_START, "need exactly one of --allow-all or --allow, and --uid with --gid")
-    return (None if allow_all else rules), uid, gid, harden
+    return (None if allow_all else rules), uid, gid, harden, parent
 
 
 def open_channel() -> tuple[socket.socket, socket.socket]:
@@ -160,14 +185,17 @@ def harden(uid: int | None, gid: int | None, parent: int) -> None:
             if cap != CAP_NET_BIND_SERVICE:
                 prctl(24, cap)  # PR_CAPBSET_DROP
     prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    if os.geteuid() == 0:
+        os.setgroups([])  # root's supplementary groups are not for the creator either
     if uid is not None and gid is not None:
-        os.setgroups([])
         os.setresgid(gid, gid, gid)
         prctl(8, 1)  # PR_SET_KEEPCAPS
         os.setresuid(uid, uid, uid)
         prctl(8, 0)
-        if os.getresuid() != (uid,) * 3 or os.getresgid() != (gid,) * 3 or os.getgroups():
+        if os.getresuid() != (uid,) * 3 or os.getresgid() != (gid,) * 3:
             raise OSError(0, "credentials did not change")
+    if os.geteuid() == 0 and os.getgroups():
+        raise OSError(0, "supplementary groups remain")
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
     data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) x 2 words
     if libc.capget(header, data) != 0:
@@ -220,22 +248,25 @@ SOCKET = (41, 198)
 
 
 def seccomp_filter(machine: str) -> bytes:
-    """Classic BPF: right arch, listed calls, socket() only for INET/INET6 stream/dgram."""
+    """Classic BPF: right arch, listed calls, and socket() only for AF_INET/AF_INET6,
+    SOCK_STREAM/SOCK_DGRAM (flags aside), protocol 0.  Everything else kills."""
     col, arch = ARCHES[machine]  # KeyError: unsupported arch, hardening fails
     allowed, sock_nr = [nrs[col] for nrs in SYSCALLS.values()], SOCKET[col]
     ld, jeq, ret, kill, allow = 0x20, 0x15, 0x06, 0x80000000, 0x7FFF0000
     n = len(allowed)
     prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0)]
-    prog += [(jeq, n + 8 - i, 0, nr) for i, nr in enumerate(allowed)]
-    prog += [
-        (jeq, 0, 7, sock_nr),
-        (ld, 0, 0, 16),
+    prog += [(jeq, n + 10 - i, 0, nr) for i, nr in enumerate(allowed)]  # to "allow"
+    prog += [  # (code, jump if true, jump if false, k); jumps count the following lines
+        (jeq, 0, 9, sock_nr),  # not socket() either: kill
+        (ld, 0, 0, 16),  # args[0], low word: domain
         (jeq, 1, 0, socket.AF_INET),
-        (jeq, 0, 4, socket.AF_INET6),
-        (ld, 0, 0, 24),
+        (jeq, 0, 6, socket.AF_INET6),
+        (ld, 0, 0, 24),  # args[1]: type, less SOCK_CLOEXEC/SOCK_NONBLOCK
         (0x54, 0, 0, 0xF),
-        (jeq, 2, 0, socket.SOCK_STREAM),
-        (jeq, 1, 0, socket.SOCK_DGRAM),
+        (jeq, 1, 0, socket.SOCK_STREAM),
+        (jeq, 0, 2, socket.SOCK_DGRAM),
+        (ld, 0, 0, 32),  # args[2]: protocol must be 0 (the default for the type)
+        (jeq, 1, 0, 0),
         (ret, 0, 0, kill),
         (ret, 0, 0, allow),
     ]
@@ -263,7 +294,9 @@ def read_exact(rd: socket.socket, n: int) -> bytes:
     return buf
 
 
-def create(kind: bytes, family: bytes, port: bytes, addr: bytes) -> socket.socket | bytes:
+def create(
+    kind: bytes, family: bytes, port: bytes, addr: bytes, flags: int = 0
+) -> socket.socket | bytes:
     """The socket, or the 'E' answer to send."""
     fam = socket.AF_INET if family == b"4" else socket.AF_INET6
     typ = socket.SOCK_STREAM if kind == b"T" else socket.SOCK_DGRAM
@@ -273,8 +306,13 @@ def create(kind: bytes, family: bytes, port: bytes, addr: bytes) -> socket.socke
         return b"ES" + INT.pack(e.errno or 0)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if flags & P_REUSEPORT:
+            sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+        if flags & P_FREEBIND:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
         if fam == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            v6only = 0 if flags & P_DUALSTACK else 1
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
             if typ == socket.SOCK_DGRAM:
                 if hasattr(socket, "IPV6_USE_MIN_MTU"):
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_USE_MIN_MTU, 1)
@@ -289,23 +327,32 @@ def create(kind: bytes, family: bytes, port: bytes, addr: bytes) -> socket.socke
     return sock
 
 
+def invalid(wr: socket.socket, what: bytes) -> None:
+    try:
+        wr.sendall(b"FI")
+    except OSError:
+        die(EXIT_WRITE)
+    die(EXIT_PROTOCOL, f"invalid input {what!r}")
+
+
 def serve(rd: socket.socket, wr: socket.socket, rules: list[Rule] | None) -> None:
     while True:
         command = read_exact(rd, 1)
         if command == b"T":
             die(EXIT_OK)
-        kind = read_exact(rd, 1) if command == b"S" else b""
+        kind = read_exact(rd, 1) if command in (b"S", b"P") else b""
         family = read_exact(rd, 1) if kind in (b"T", b"U") else b""
         if family not in (b"4", b"6"):
-            try:
-                wr.sendall(b"FI")
-            except OSError:
-                die(EXIT_WRITE)
-            die(EXIT_PROTOCOL, f"invalid input {(command + kind + family)!r}")
+            invalid(wr, command + kind + family)
         port = read_exact(rd, 2)
         addr = read_exact(rd, 4 if family == b"4" else 16)
+        flags = read_exact(rd, 1)[0] if command == b"P" else 0
+        if flags & ~(P_REUSEPORT | P_DUALSTACK | P_FREEBIND) or (
+            flags & P_DUALSTACK and family == b"4"
+        ):
+            invalid(wr, command + kind + family + bytes([flags]))
         if allowed(rules, kind, family, addr, int.from_bytes(port, "big")):
-            result = create(kind, family, port, addr)
+            result = create(kind, family, port, addr, flags)
         else:
             fam = socket.AF_INET if family == b"4" else socket.AF_INET6
             log(
@@ -329,7 +376,9 @@ def main() -> None:
     parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     rd, wr = open_channel()
-    rules, uid, gid, want_harden = parse_args(sys.argv[1:])
+    rules, uid, gid, want_harden, expected_parent = parse_args(sys.argv[1:])
+    if expected_parent is not None:
+        parent = expected_parent  # known before we were even forked: no start-up race
     os.closerange(3, 2**31 - 1)  # every other inherited descriptor
     if want_harden:
         try:
