@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import array
 import os
 import pwd
 import shutil
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from typing import Union
 
 import pytest
 
@@ -80,3 +85,141 @@ def no_leaks() -> Iterator[None]:
     before = fd_count()
     yield
     assert fd_count() == before, "descriptor leak in the test process"
+
+
+# --- Driving a real creator at the byte level (tests of the creator program) ---
+
+WIRE_INT = struct.Struct("@i")  # the errno in an 'E' answer: native C int
+_ANCBUF = socket.CMSG_SPACE(8 * WIRE_INT.size)
+
+
+def wire_request(proto: str, host: str, port: int) -> bytes:
+    """An 'S' request built by hand from the seed's text (not by the library)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return (
+        b"S"
+        + {"tcp": b"T", "udp": b"U"}[proto]
+        + (b"6" if family == socket.AF_INET6 else b"4")
+        + struct.pack("!H", port)
+        + socket.inet_pton(family, host)
+    )
+
+
+def recv_with_fds(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
+    """One recvmsg of up to ``n`` bytes and the descriptors that came with them
+    (close-on-exec); a truncated control message fails the test."""
+    data, anc, flags, _ = sock.recvmsg(n, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, blob in anc:
+        assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS), (level, kind)
+        fds.frombytes(blob[: len(blob) - len(blob) % fds.itemsize])
+    assert not flags & socket.MSG_CTRUNC, "control message truncated"
+    return data, list(fds)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+Answer = tuple[bytes, Union[socket.socket, int]]
+
+
+def read_answer(sock: socket.socket) -> Answer:
+    """Read one answer exactly: ``(b"S", socket)`` or ``(b"EB"|b"ES", errno)``.
+
+    The descriptor must arrive alone, on the one data byte after the 'S', and
+    nowhere else; anything else fails the test (and closes what arrived)."""
+    status, fds = recv_with_fds(sock, 1)
+    if fds:
+        _close_all(fds)
+        raise AssertionError(f"descriptor(s) on the status byte {status!r}")
+    if status == b"S":
+        data, fds = recv_with_fds(sock, 1)
+        if len(data) != 1 or len(fds) != 1:
+            _close_all(fds)
+            raise AssertionError(f"'S' then {data!r} with {len(fds)} descriptors, not 1 and 1")
+        return b"S", socket.socket(fileno=fds[0])
+    if status == b"E":
+        rest = b""
+        while len(rest) < 1 + WIRE_INT.size:
+            chunk, fds = recv_with_fds(sock, 1 + WIRE_INT.size - len(rest))
+            if fds or not chunk:
+                _close_all(fds)
+                raise AssertionError(f"'E' answer cut short or with descriptors: {rest + chunk!r}")
+            rest += chunk
+        assert rest[:1] in (b"S", b"B"), rest
+        return b"E" + rest[:1], WIRE_INT.unpack(rest[1:])[0]
+    raise AssertionError(f"unexpected answer byte {status!r}")
+
+
+def read_to_end(sock: socket.socket) -> tuple[bytes, int, str]:
+    """Everything until the peer is gone: (data, descriptors seen, "EOF" or
+    "RESET").  RESET means the peer exited with input it never read."""
+    data, nfds = b"", 0
+    while True:
+        try:
+            chunk, fds = recv_with_fds(sock, 4096)
+        except ConnectionResetError:
+            return data, nfds, "RESET"
+        _close_all(fds)
+        nfds += len(fds)
+        if not chunk:
+            return data, nfds, "EOF"
+        data += chunk
+
+
+class RawCreator:
+    """A creator process (``argv``) with stdin and stdout on one end of a
+    socketpair; the test holds the other end, :attr:`sock`.  stderr goes to
+    a temporary file (:meth:`stderr_text`).  The environment is empty."""
+
+    def __init__(
+        self, argv: list[str], *, pass_fds: tuple[int, ...] = (), timeout: float = 10.0
+    ) -> None:
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno(),
+                stderr=self._stderr,
+                env={},
+                pass_fds=pass_fds,
+            )
+        except BaseException:
+            self.sock.close()
+            self._stderr.close()
+            raise
+        finally:
+            theirs.close()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def request(self, proto: str, host: str, port: int) -> Answer:
+        self.sock.sendall(wire_request(proto, host, port))
+        return read_answer(self.sock)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stderr_text(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.sock.close()
+        self._stderr.close()
+
+    def __enter__(self) -> RawCreator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import os
 import pwd
+import queue
 import socket
 import subprocess
 import sys
@@ -90,27 +91,56 @@ def creator_argv(
     return argv
 
 
-_spawner: concurrent.futures.ThreadPoolExecutor | None = None
+Spawned = tuple[socket.socket, "subprocess.Popen[bytes]"]
+_spawn_queue: queue.SimpleQueue[tuple[list[str], concurrent.futures.Future[Spawned]]] | None = None
 _spawner_lock = threading.Lock()
 
 
-def spawn(argv: Sequence[str]) -> tuple[socket.socket, subprocess.Popen[bytes]]:
+def _spawner_loop(
+    jobs: queue.SimpleQueue[tuple[list[str], concurrent.futures.Future[Spawned]]],
+) -> None:
+    while True:
+        argv, fut = jobs.get()
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(_spawn(argv))
+            except BaseException as e:
+                fut.set_exception(e)
+
+
+def _forget_spawner() -> None:
+    """After fork: the spawner thread did not come along (waiting on it would hang)."""
+    global _spawn_queue, _spawner_lock
+    _spawn_queue, _spawner_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_spawner)
+
+
+def spawn(argv: Sequence[str]) -> Spawned:
     """Start ``argv`` on one end of a socketpair, in its own process group.
 
     Linux sends PR_SET_PDEATHSIG when the *thread* that forked the creator
     exits, not the process.  So a creator is only ever forked by the main
-    thread or by one spawner thread that lives as long as the process:
-    a SocketCreator made in a short-lived worker thread survives it."""
-    global _spawner
+    thread or by one daemon spawner thread that lives as long as the process
+    (a daemon thread is never joined at exit, so it outlives atexit handlers):
+    a SocketCreator made in a short-lived worker thread survives that thread."""
+    global _spawn_queue
     if threading.current_thread() is threading.main_thread():
         return _spawn(argv)
     with _spawner_lock:
-        if _spawner is None:
-            _spawner = concurrent.futures.ThreadPoolExecutor(1, "sockcreator-spawner")
-    return _spawner.submit(_spawn, argv).result()
+        if _spawn_queue is None:
+            _spawn_queue = queue.SimpleQueue()
+            threading.Thread(
+                target=_spawner_loop, args=(_spawn_queue,), name="sockcreator-spawner", daemon=True
+            ).start()
+        jobs = _spawn_queue
+    fut: concurrent.futures.Future[Spawned] = concurrent.futures.Future()
+    jobs.put((list(argv), fut))
+    return fut.result()
 
 
-def _spawn(argv: Sequence[str]) -> tuple[socket.socket, subprocess.Popen[bytes]]:
+def _spawn(argv: Sequence[str]) -> Spawned:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     kwargs: dict[str, Any] = (
         {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}

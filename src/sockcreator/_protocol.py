@@ -9,6 +9,8 @@ Wire format (BIND 10's socket creator, byte for byte)::
 
     request  'T'                                  terminate, no answer
     request  'S' ('T'|'U') ('4'|'6') port[2] addr[4|16]
+    request  'P' ('T'|'U') ('4'|'6') port[2] addr[4|16] flags[1]
+                                                  an extension: 'S' plus options
     answer   'S' then one data byte carrying the descriptor (SCM_RIGHTS)
     answer   'E' ('S'|'B') errno[native int]
     answer   'F' condition[1]                     creator exits after this
@@ -23,6 +25,8 @@ close them all; otherwise each one is in exactly one returned
 from __future__ import annotations
 
 import collections
+import enum
+import functools
 import ipaddress
 import socket
 import struct
@@ -37,6 +41,7 @@ __all__ = [
     "Event",
     "ProtocolViolation",
     "Request",
+    "SocketOptions",
     "SocketReceived",
     "make_request",
 ]
@@ -54,13 +59,27 @@ _STAGES = {b"S": "socket", b"B": "bind"}
 _PROTOCOL_NAMES = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}
 
 
+class SocketOptions(enum.IntFlag):
+    """Options the creator sets before bind(): the flags byte of a 'P' request."""
+
+    REUSEPORT = 1  # SO_REUSEPORT
+    DUALSTACK = 2  # IPV6_V6ONLY off (IPv6 only; without it V6ONLY is on, as for 'S')
+    FREEBIND = 4  # IP_FREEBIND
+
+
+_NO_OPTIONS = SocketOptions(0)
+_ALL_OPTIONS = SocketOptions.REUSEPORT | SocketOptions.DUALSTACK | SocketOptions.FREEBIND
+
+
 @dataclass(frozen=True)
 class Request:
-    """One validated 'S' request.  Build it with :func:`make_request`."""
+    """One validated request: 'S', or 'P' if it has options.  Build it with
+    :func:`make_request`."""
 
     type: socket.SocketKind  # SOCK_STREAM or SOCK_DGRAM
     address: IPAddress
     port: int
+    options: SocketOptions = _NO_OPTIONS
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -71,21 +90,43 @@ class Request:
         return "tcp" if self.type == socket.SOCK_STREAM else "udp"
 
     def encode(self) -> bytes:
-        return (
-            b"S"
+        options = int(self.options)
+        data = (
+            (b"P" if options else b"S")
             + _TYPE_BYTE[self.type]
             + _FAMILY_BYTE[self.address.version]
             + self.port.to_bytes(2, "big")
             + self.address.packed
         )
+        return data + bytes((options,)) if options else data
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
-        return f"{self.protocol}:{host}:{self.port}"
+        text = f"{self.protocol}:{host}:{self.port}"
+        if self.options:
+            names = [o.name.lower() for o in SocketOptions if o & self.options and o.name]
+            text += f" ({','.join(names)})"
+        return text
 
 
-def make_request(protocol: ProtocolSpec, address: AddressSpec, port: int) -> Request:
-    """Validate arguments into a :class:`Request`; TypeError/ValueError if bad."""
+@functools.lru_cache(maxsize=256)
+def _parse_address(text: str) -> IPAddress:
+    """ipaddress.ip_address, cached: parsing costs more than a round trip's
+    bookkeeping.  Errors are not cached; the objects are immutable."""
+    return ipaddress.ip_address(text)  # ValueError if not an address
+
+
+def make_request(
+    protocol: ProtocolSpec,
+    address: AddressSpec,
+    port: int,
+    *,
+    options: SocketOptions | int = _NO_OPTIONS,
+) -> Request:
+    """Validate arguments into a :class:`Request`; TypeError/ValueError if bad.
+
+    ``options`` (:class:`SocketOptions`) makes it a 'P' request; none, the
+    default, makes it an 'S' request exactly as BIND 10 sends it."""
     kind: socket.SocketKind
     if isinstance(protocol, str):
         try:
@@ -102,6 +143,8 @@ def make_request(protocol: ProtocolSpec, address: AddressSpec, port: int) -> Req
     addr: IPAddress
     if isinstance(address, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         addr = address
+    elif type(address) is str:  # exactly str: the cache must be keyed by plain strings
+        addr = _parse_address(address)
     elif isinstance(address, str):
         addr = ipaddress.ip_address(address)  # ValueError if not an address
     else:
@@ -113,7 +156,15 @@ def make_request(protocol: ProtocolSpec, address: AddressSpec, port: int) -> Req
         raise TypeError(f"port must be int, not {type(port).__name__}")
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in 0..65535, not {port}")
-    return Request(kind, addr, port)
+    if not isinstance(options, int) or isinstance(options, bool):
+        raise TypeError(f"options must be SocketOptions, not {type(options).__name__}")
+    if not options:
+        return Request(kind, addr, port)
+    if int(options) & ~int(_ALL_OPTIONS):
+        raise ValueError(f"unknown socket option bits {int(options) & ~int(_ALL_OPTIONS):#x}")
+    if options & SocketOptions.DUALSTACK and addr.version != 6:
+        raise ValueError("DUALSTACK (IPV6_V6ONLY off) needs an IPv6 address")
+    return Request(kind, addr, port, SocketOptions(options))
 
 
 class ProtocolViolation(Exception):
@@ -183,10 +234,19 @@ class AnswerParser:
         self._pending.append(request)
 
     def bytes_wanted(self) -> int:
+        if self._state == _DEAD:  # a violation may have left a partial answer behind
+            return 0
         return _NEEDS[self._state] - len(self._buf)
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Event]:
         """Consume ``data`` (and ``fds``, which came with its first byte)."""
+        if len(data) == 1 and not self._buf:  # the usual reads, as bytes_wanted() sizes them
+            if self._state == _FD_BYTE and len(fds) == 1:
+                self._state = _IDLE
+                return [SocketReceived(self._pending.popleft(), fds[0])]
+            if self._state == _IDLE and not fds and data == b"S" and self._pending:
+                self._state = _FD_BYTE
+                return []
         events: list[Event] = []
         unclaimed = list(fds)
         pos = 0

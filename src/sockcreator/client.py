@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+import struct
 import subprocess
 import threading
 from collections.abc import Iterable, Sequence
@@ -29,13 +31,29 @@ from ._protocol import (
     Event,
     ProtocolSpec,
     ProtocolViolation,
+    Request,
     SocketReceived,
+    make_request,
 )
 
 __all__ = ["ENV_FD", "SocketCreator"]
 
 #: Environment variable naming an inherited creator connection (see ``run``).
 ENV_FD = "SOCKCREATOR_FD"
+
+
+def _set_timeouts(sock: socket.socket, timeout: float) -> None:
+    """Make ``sock`` blocking, with the timeout kept by the kernel.
+
+    ``sock.settimeout()`` would poll() before every call, which costs as much
+    again as the request itself; SO_RCVTIMEO/SO_SNDTIMEO bound each call the
+    same way at no cost.  An expired timeout raises BlockingIOError (EAGAIN).
+    """
+    usec = max(1, math.ceil(min(timeout, 2.0**31) * 1e6))  # 0 would mean "never"
+    tv = struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)  # struct timeval
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 class SocketCreator:
@@ -59,6 +77,12 @@ class SocketCreator:
     ) -> None:
         if command is not None and (allow is not None or user is not None or not harden):
             raise ValueError("allow/user/harden apply only to this package's creator")
+        if isinstance(command, (str, bytes)):
+            raise TypeError("command is an argv list, not a string")
+        if command is not None and not command:
+            raise ValueError("command is an empty argv")
+        if not timeout > 0:  # before spawning: a bad argument must not leave a child
+            raise ValueError("timeout must be positive")
         argv = creator_argv(allow=allow, user=user, harden=harden) if command is None else command
         sock, proc = spawn(argv)
         self._setup(sock, proc, timeout)
@@ -68,7 +92,7 @@ class SocketCreator:
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
-        sock.settimeout(timeout)
+        _set_timeouts(sock, timeout)
         self._sock = sock
         self._proc = proc
         self._timeout = timeout
@@ -97,11 +121,11 @@ class SocketCreator:
         if not (value.isascii() and value.isdigit()) or int(value) < 3:
             raise ValueError(f"{ENV_FD}={value!r} is not a descriptor number >= 3")
         fd = int(value)
-        os.set_inheritable(fd, False)
         try:
-            sock = socket.socket(fileno=fd)
-        except OSError as e:
+            sock = socket.socket(fileno=fd)  # EBADF/ENOTSOCK: not an open socket
+        except (OSError, OverflowError) as e:
             raise ValueError(f"{ENV_FD}={fd} is not a socket: {e}") from None
+        sock.set_inheritable(False)
         try:
             return cls.from_socket(sock, timeout=timeout)
         except BaseException:
@@ -115,15 +139,17 @@ class SocketCreator:
 
     def get_socket(self, protocol: ProtocolSpec, address: AddressSpec, port: int) -> socket.socket:
         """One bound socket (not listening), non-inheritable."""
-        return self.get_sockets([(protocol, address, port)])[0]
+        return self._transact([make_request(protocol, address, port)])[0]
 
     def get_sockets(self, requests: Iterable[RequestSpec]) -> list[socket.socket]:
         """Many sockets, pipelined in one write.  All or nothing: on any
         failure the ones received are closed and the first failure raised."""
-        reqs = normalize(requests)
+        return self._transact(normalize(requests))
+
+    def _transact(self, reqs: list[Request]) -> list[socket.socket]:
         if not reqs:
             return []
-        data = b"".join(r.encode() for r in reqs)
+        data = b"".join([r.encode() for r in reqs])
         with self._lock:
             self._check_alive()
             for r in reqs:
@@ -168,7 +194,7 @@ class SocketCreator:
             data, anc, flags, _ = self._sock.recvmsg(
                 self._parser.bytes_wanted(), ANCBUFSIZE, RECV_FLAGS
             )
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
             self._fatal(f"no answer from the creator within {self._timeout}s")
         except ConnectionResetError:
             data, anc, flags = b"", [], 0
@@ -206,7 +232,7 @@ class SocketCreator:
             try:
                 self._sock.sendall(b"T")
                 data = self._sock.recv(1)
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):
                 self._fatal(f"creator did not exit within {self._timeout}s of 'T'")
             except (BrokenPipeError, ConnectionResetError):
                 data = b""  # already gone: that is the end we wanted
@@ -219,6 +245,22 @@ class SocketCreator:
             reap(self._proc, self._timeout)
 
     close = terminate
+
+    def detach(self) -> socket.socket:
+        """Hand the channel over and forget the creator process: no 'T', no
+        reaping.  The caller owns the returned socket (blocking, no kernel
+        timeouts, non-inheritable); the handle is unusable afterwards.
+        ``sockcreator run`` uses this to pass the channel to PROGRAM."""
+        with self._lock:
+            self._check_alive()
+            self._dead = "detached"
+            self._proc = None
+            sock = self._sock
+            zero = struct.pack("@ll", 0, 0)  # struct timeval 0: no timeout
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, zero)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, zero)
+            sock.setblocking(True)
+            return sock
 
     def __enter__(self) -> SocketCreator:
         return self
