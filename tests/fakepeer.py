@@ -101,12 +101,17 @@ class PeerIO:
         return out
 
     def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        """``data`` with ``fds`` (SCM_RIGHTS) on its first byte.  The fds stay ours."""
-        if fds:
-            rights = array.array("i", fds).tobytes()
-            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
-        else:
-            self.sock.sendall(data)
+        """``data`` with ``fds`` (SCM_RIGHTS) on its first byte.  The fds stay ours.
+
+        A client that already gave up (EPIPE/ECONNRESET) is not the script's error."""
+        try:
+            if fds:
+                rights = array.array("i", fds).tobytes()
+                self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+            else:
+                self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def make_socket(self, request: Request) -> socket.socket:
         """A real socket bound as ``request`` asks (what a creator would send)."""

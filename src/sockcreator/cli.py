@@ -23,25 +23,30 @@ def _check(args: argparse.Namespace) -> int:
     """Start a creator, ask it for sockets, and say what happened."""
     from ._errors import CreatorError
     from .client import SocketCreator
+    from .policy import parse_listen
 
     specs = args.spec or ["tcp:127.0.0.1:0", "udp:[::1]:0"]
-    requests = []
-    for spec in specs:
-        proto, _, rest = spec.partition(":")
-        host, _, port = rest.rpartition(":")
-        requests.append((proto, host.strip("[]"), int(port)))
+    try:
+        requests = [parse_listen(spec, any_port=True) for spec in specs]
+    except ValueError as e:
+        print(f"sockcreator check: {e}", file=sys.stderr)
+        return 2
     status = 0
-    with SocketCreator(timeout=args.timeout) as creator:
-        print(f"creator pid {creator.pid}: {_proc_summary(creator.pid)}")
+    # The creator's policy is exactly what we ask for: a demonstration, too.
+    lines = []
+    with SocketCreator(timeout=args.timeout, allow=specs, user=args.user) as creator:
         for spec, req in zip(specs, requests, strict=True):
             try:
-                sock = creator.get_socket(*req)
+                sock = creator.get_sockets([req])[0]
             except CreatorError as e:
-                print(f"{spec}: FAILED {e}")
+                lines.append(f"{spec}: FAILED {e}")
                 status = 1
                 continue
             with sock:
-                print(f"{spec}: ok, fd {sock.fileno()} bound to {sock.getsockname()[:2]}")
+                lines.append(f"{spec}: ok, bound to {sock.getsockname()[:2]}")
+        # After an answer, so the creator has hardened itself by now.
+        print(f"creator pid {creator.pid}: {_proc_summary(creator.pid)}")
+    print("\n".join(lines))
     return status
 
 
@@ -74,11 +79,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="start a creator, get sockets, report")
     p.add_argument("spec", nargs="*", help="PROTO:ADDR:PORT, e.g. tcp:127.0.0.1:80")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--user", help="run the creator as this user (when root)")
     p.set_defaults(func=_check)
+
+    # Listed here for --help; main() hands its arguments to launcher.main,
+    # which has its own parser (options before PROGRAM, exit status 100).
+    sub.add_parser(
+        "run",
+        help="exec PROGRAM as a user, with privileged sockets (see 'run --help')",
+        add_help=False,
+    )
+    # Likewise: broker.main and broker.status_main parse their own arguments.
+    sub.add_parser("serve", help="run the socket broker (see 'serve --help')", add_help=False)
+    sub.add_parser("status", help="list the broker's held sockets", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        from .launcher import main as run_main
+
+        return run_main(argv[1:])
+    if argv[:1] in (["serve"], ["status"]):
+        from . import broker
+
+        return (broker.main if argv[0] == "serve" else broker.status_main)(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "creator" and args.creator_args[:1] == ["--"]:
         args.creator_args = args.creator_args[1:]

@@ -157,7 +157,7 @@ class SocketCreator:
             try:
                 self._sock.sendall(data)
             except OSError as e:
-                self._fatal(f"cannot write to the creator: {e}")
+                self._fatal(f"cannot write to the creator: {e}", self._last_words())
             return self._collect()
 
     def _collect(self) -> list[socket.socket]:
@@ -212,6 +212,27 @@ class SocketCreator:
         except ProtocolViolation as e:
             close_fds(fds)
             self._fatal(str(e), e.condition)
+
+    def _last_words(self) -> str | None:
+        """After a failed write: the 'F' condition the creator sent before
+        leaving, if it is still queued (anything else read is discarded)."""
+        while True:
+            try:
+                data, anc, flags, _ = self._sock.recvmsg(
+                    self._parser.bytes_wanted() or 1, ANCBUFSIZE, RECV_FLAGS | socket.MSG_DONTWAIT
+                )
+                fds = unpack_fds(anc, flags)
+            except (OSError, ProtocolViolation):
+                return None
+            if not data:
+                close_fds(fds)
+                return None
+            try:
+                events = self._parser.feed(data, fds)
+            except ProtocolViolation as e:
+                close_fds(fds)
+                return e.condition
+            close_fds(ev.fd for ev in events if isinstance(ev, SocketReceived))
 
     def _check_alive(self) -> None:
         if self._dead is not None:

@@ -105,8 +105,8 @@ def parse_rule(spec: str) -> Rule:
         family, packed = b"6", socket.inet_pton(socket.AF_INET6, host[1:-1])
     else:
         family, packed = b"4", socket.inet_pton(socket.AF_INET, host)
-    lo_s, _, hi_s = ports.partition("-")
-    hi_s = hi_s or lo_s
+    lo_s, dash, hi_s = ports.partition("-")
+    hi_s = hi_s if dash else lo_s
     if not (lo_s.isascii() and lo_s.isdigit() and hi_s.isascii() and hi_s.isdigit()):
         raise ValueError(spec)
     lo, hi = int(lo_s), int(hi_s)
@@ -152,6 +152,7 @@ def open_channel() -> tuple[socket.socket, socket.socket]:
         st0, st1 = os.fstat(0), os.fstat(1)
         if stat.S_ISSOCK(st0.st_mode) and (st0.st_dev, st0.st_ino) == (st1.st_dev, st1.st_ino):
             rd, wr = socket.socket(fileno=0), socket.socket(fileno=1)
+            rd.getpeername()  # ENOTCONN: a listening or unconnected socket is no channel
             if rd.family == socket.AF_UNIX and rd.type == socket.SOCK_STREAM:
                 rd.setblocking(True)
                 wr.setblocking(True)
