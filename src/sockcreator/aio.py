@@ -44,6 +44,10 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+class _ChannelClosed(Exception):
+    """Wakes a task waiting on the channel when a fatal error closes it."""
+
+
 class AsyncSocketCreator:
     """asyncio twin of :class:`sockcreator.SocketCreator`.
 
@@ -79,9 +83,11 @@ class AsyncSocketCreator:
         self._waiters: collections.deque[asyncio.Future[socket.socket]] = collections.deque()
         self._write_lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
+        self._io_waits: set[asyncio.Future[None]] = set()  # tasks waiting on the channel
         self._closing = False
+        self._terminator: asyncio.Task[None] | None = None
         self._dead: str | None = None
-        self._last_error: CreatorFatalError | None = None
+        self._failure: asyncio.Task[CreatorFatalError] | None = None
 
     async def start(self) -> AsyncSocketCreator:
         """Start the creator (fork/exec, as asyncio's own subprocess support does)."""
@@ -139,10 +145,17 @@ class AsyncSocketCreator:
                 self._parser.expect(r)
                 self._waiters.append(f)
             try:
-                await loop.sock_sendall(sock, b"".join(r.encode() for r in reqs))
+                await self._sendall(sock, b"".join(r.encode() for r in reqs))
             except BaseException as e:
+                # Out of step now.  ``_fail`` gives every waiter, ours too, the
+                # CreatorFatalError, so the caller's gather raises that.
+                if not isinstance(e, Exception):  # cancelled mid-write
+                    for f in futs:
+                        f.cancel()
                 await self._fail(f"cannot write to the creator: {e!r}")
-                raise
+                if not isinstance(e, Exception):
+                    raise
+                return futs
             self._ensure_reader()
         return futs
 
@@ -159,8 +172,29 @@ class AsyncSocketCreator:
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read_loop())
 
-    async def _recvmsg(self, sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
+    async def _wait_io(self, sock: socket.socket, *, write: bool) -> None:
+        """Until ``sock`` is ready; TimeoutError, or _ChannelClosed if closed meanwhile."""
         loop = asyncio.get_running_loop()
+        fd = sock.fileno()
+        ready: asyncio.Future[None] = loop.create_future()
+        (loop.add_writer if write else loop.add_reader)(fd, _wake, ready)
+        self._io_waits.add(ready)
+        try:
+            await asyncio.wait_for(ready, self._timeout)
+        finally:
+            self._io_waits.discard(ready)
+            if sock.fileno() == fd:  # else _close_channel removed it before closing
+                (loop.remove_writer if write else loop.remove_reader)(fd)
+
+    async def _sendall(self, sock: socket.socket, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except (BlockingIOError, InterruptedError):
+                await self._wait_io(sock, write=True)
+
+    async def _recvmsg(self, sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
         while True:
             try:
                 data, anc, flags, _ = sock.recvmsg(n, ANCBUFSIZE, RECV_FLAGS)
@@ -169,12 +203,21 @@ class AsyncSocketCreator:
                 pass
             except ConnectionResetError:
                 return b"", []
-            ready: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(sock.fileno(), _wake, ready)
-            try:
-                await asyncio.wait_for(ready, self._timeout)
-            finally:
-                loop.remove_reader(sock.fileno())
+            await self._wait_io(sock, write=False)
+
+    def _close_channel(self) -> None:
+        """Close the channel, first waking (with _ChannelClosed) and unregistering
+        every task waiting on it, so that no selector entry outlives the fd."""
+        sock = self._sock
+        if sock is None or sock.fileno() == -1:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())
+        loop.remove_writer(sock.fileno())
+        for ready in self._io_waits:
+            if not ready.done():
+                ready.set_exception(_ChannelClosed())
+        sock.close()
 
     async def _read_loop(self) -> None:
         assert self._sock is not None
@@ -207,6 +250,7 @@ class AsyncSocketCreator:
                         except ProtocolViolation:
                             rest = events[i + 1 :]
                             close_fds(e.fd for e in rest if isinstance(e, SocketReceived))
+                            self._waiters.appendleft(fut)  # so that _fail answers it too
                             raise
                         if fut.done():  # its waiter was cancelled
                             sock.close()
@@ -216,26 +260,34 @@ class AsyncSocketCreator:
                         fut.set_exception(socket_creation_error(ev.errno, ev.stage, ev.request))
         except ProtocolViolation as e:
             await self._fail(str(e), e.condition)
+        except _ChannelClosed:
+            pass  # a fatal error elsewhere closed the channel and handles the rest
         except BaseException as e:  # cancelled (loop closing) or a bug: never half-alive
             await self._fail(f"reader stopped: {e!r}")
             raise
         finally:
             self._reader = None
 
-    async def _fail(self, reason: str, condition: str | None = None) -> None:
-        """Kill and reap the creator; every waiter gets the CreatorFatalError."""
-        if self._dead is not None:
-            return
-        self._dead = reason
-        if self._sock is not None:
-            self._sock.close()
+    async def _fail(self, reason: str, condition: str | None = None) -> CreatorFatalError:
+        """Close the channel, kill and reap the creator; every waiter gets the
+        CreatorFatalError.  Only the first call's reason counts; every call
+        returns once that is done."""
+        if self._failure is None:
+            self._dead = reason
+            self._close_channel()
+            self._failure = asyncio.get_running_loop().create_task(
+                self._finish_failure(reason, condition)
+            )
+        return await asyncio.shield(self._failure)
+
+    async def _finish_failure(self, reason: str, condition: str | None) -> CreatorFatalError:
         status = await self._reap(min(1.0, self._timeout))
         err = CreatorFatalError(reason, condition=condition, exit_status=status)
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(err)
-        self._last_error = err
+        return err
 
     async def _reap(self, grace: float) -> int | None:
         proc = self._proc
@@ -253,31 +305,43 @@ class AsyncSocketCreator:
         return status
 
     async def terminate(self) -> None:
-        """Send 'T' after any pending requests, wait for EOF, reap.  Idempotent.
+        """Send 'T' after any pending requests, wait for EOF, reap.  Idempotent;
+        concurrent calls all return once the creator is reaped.
 
-        Raises CreatorFatalError if the creator answers 'T' with data or
-        stays silent past the timeout."""
-        if self._sock is None or self._dead is not None:
+        Raises CreatorFatalError if the creator answers 'T' with data, stays
+        silent past the timeout, or fails a request still pending."""
+        if self._sock is None:
             return
-        if not self._closing:
-            self._closing = True
-            async with self._write_lock:
+        if self._terminator is None:
+            if self._dead is not None:
+                return  # already dead and reaped
+            self._closing = True  # new requests are refused from now on
+            self._terminator = asyncio.get_running_loop().create_task(self._terminate())
+        elif self._terminator.done():
+            return  # ended already; any error went to the calls that waited for it
+        await asyncio.shield(self._terminator)
+
+    async def _terminate(self) -> None:
+        assert self._sock is not None
+        async with self._write_lock:  # after any batch still being written
+            if self._dead is None:
                 try:
-                    await asyncio.get_running_loop().sock_sendall(self._sock, b"T")
+                    await self._sendall(self._sock, b"T")
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # already gone: the reader sees EOF
-                except OSError as e:
+                except _ChannelClosed:
+                    pass  # a fatal error: raised below
+                except Exception as e:
                     await self._fail(f"cannot terminate the creator: {e!r}")
-                self._ensure_reader()
-        reader = self._reader
-        if reader is not None:
-            await asyncio.shield(reader)
-        if self._last_error is not None:
-            raise self._last_error
         if self._dead is None:
-            self._dead = "terminated"
-            self._sock.close()
-            await self._reap(self._timeout)
+            self._ensure_reader()
+        if self._reader is not None:
+            await asyncio.wait([self._reader])
+        if self._failure is not None:
+            raise await asyncio.shield(self._failure)
+        self._dead = "terminated"
+        self._close_channel()
+        await self._reap(self._timeout)
 
     close = terminate
 
