@@ -6,17 +6,23 @@ else runs unprivileged.  See README.md.
 """
 
 from ._errors import CreatorError, CreatorFatalError, SocketCreationError
-from ._protocol import Request, make_request
+from ._protocol import Request, SocketOptions, make_request
 from .aio import AsyncSocketCreator
+from .broker_client import AsyncBroker, Broker, BrokerFatalError, SocketRefusedError
 from .client import SocketCreator
 
 __all__ = [
+    "AsyncBroker",
     "AsyncSocketCreator",
+    "Broker",
+    "BrokerFatalError",
     "CreatorError",
     "CreatorFatalError",
     "Request",
     "SocketCreationError",
     "SocketCreator",
+    "SocketOptions",
+    "SocketRefusedError",
     "make_request",
 ]
 

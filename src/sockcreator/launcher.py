@@ -4,6 +4,8 @@
 
     sockcreator run [--user U] [--group G] [--listen SPEC]... [--allow SPEC]...
                     [--name NAME]... [--backlog N] [--allow-root] -- PROGRAM [ARGS]
+    sockcreator run --broker PATH [--listen SPEC]... [--name NAME]... [--backlog N]
+                    -- PROGRAM [ARGS]
 
 Started as root, in this order:
 
@@ -25,12 +27,21 @@ Started as root, in this order:
 The creator is PROGRAM's child: when PROGRAM exits or dies it sees EOF, and
 PR_SET_PDEATHSIG kills it if it is not reading.
 
+With ``--broker PATH`` there is no creator and no root anywhere: an ordinary
+user gets the --listen sockets from the broker (``sockcreator serve``) at
+PATH, as its policy allows them to that user, and PROGRAM inherits the
+broker connection as ``SOCKCREATOR_BROKER_FD`` (the grants last as long as
+it is open: :meth:`Broker.from_environment` reads it).  Started as root,
+--user still applies, and we drop to U before connecting, so the broker sees
+U.
+
 Exit statuses (before PROGRAM runs; afterwards the status is PROGRAM's)::
 
     100  usage: bad option, SPEC or NAME, no PROGRAM, PROGRAM as root refused
     101  not started as root
     102  unknown user or group
-    103  the creator failed (did not start, died, broke the protocol)
+    103  the creator failed (did not start, died, broke the protocol), or
+         the broker could not be reached or failed
     104  a --listen socket was refused (the kernel's errno is printed)
     111  another system failure (dropping privileges, descriptors)
     126  PROGRAM was found but cannot be executed
@@ -55,6 +66,7 @@ from ._channel import creator_argv
 from ._errors import CreatorError, CreatorFatalError, SocketCreationError
 from ._protocol import Request
 from .activation import SD_LISTEN_FDS_START
+from .broker_client import ENV_BROKER_FD, SocketRefusedError, get_listen_sockets
 from .client import ENV_FD, SocketCreator
 from .privileges import Credentials, drop_to, resolve_credentials
 
@@ -141,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"listen() backlog of TCP sockets (default {socket.SOMAXCONN})",
     )
     p.add_argument("--allow-root", action="store_true", help="allow PROGRAM to run as root (uid 0)")
+    p.add_argument(
+        "--broker",
+        metavar="PATH",
+        help="get the --listen sockets from the broker at PATH (no creator, no root needed)",
+    )
     p.add_argument("program", metavar="PROGRAM", help="program to exec (PATH is searched)")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
     return p
@@ -158,6 +175,7 @@ class Plan:
     creds: Credentials
     executable: str
     argv: tuple[str, ...]
+    broker: str | None = None
 
 
 def default_name(request: Request) -> str:
@@ -211,12 +229,19 @@ def plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
     names = tuple(_check_name(n) for n in args.name) or tuple(default_name(r) for r in listens)
     if not 0 <= args.backlog <= 2**31 - 1:
         raise LaunchError(EXIT_USAGE, f"bad --backlog {args.backlog}")
-    if os.geteuid() != 0:
+    if args.broker is not None and (args.allow or not listens):
+        raise LaunchError(EXIT_USAGE, "--broker takes --listen specs only (its policy decides)")
+    root = os.geteuid() == 0
+    if not root and args.broker is None:
         raise LaunchError(EXIT_NOT_ROOT, "must be started as root (to start the creator)")
-    if args.user is None and not args.allow_root:
+    if not root and (args.user is not None or args.group is not None):
+        raise LaunchError(EXIT_NOT_ROOT, "--user and --group need root")
+    if root and args.user is None and not args.allow_root:
         raise LaunchError(EXIT_USAGE, "give --user (or --allow-root to run PROGRAM as root)")
     try:
-        creds = resolve_credentials(args.user if args.user is not None else 0, args.group)
+        creds = resolve_credentials(
+            args.user if args.user is not None else os.geteuid(), args.group
+        )
     except LookupError as e:
         raise LaunchError(EXIT_UNKNOWN_USER, str(e).strip("'\"")) from None
     except ValueError as e:
@@ -233,6 +258,7 @@ def plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
         creds=creds,
         executable=executable,
         argv=(args.program, *args.args),
+        broker=args.broker,
     )
 
 
@@ -299,15 +325,17 @@ def place_fds(sources: Sequence[int]) -> None:
                 pass  # the descriptor listdir used, closed by now
 
 
-def build_environment(environ: dict[str, str], p: Plan, channel_fd: int) -> dict[str, str]:
+def build_environment(
+    environ: dict[str, str], p: Plan, channel_fd: int, channel_var: str = ENV_FD
+) -> dict[str, str]:
     """PROGRAM's environment: ours, with the activation variables replaced."""
-    stale = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", ENV_FD)
+    stale = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", ENV_FD, ENV_BROKER_FD)
     env = {k: v for k, v in environ.items() if k not in stale}
     if p.listens:
         env["LISTEN_FDS"] = str(len(p.listens))
         env["LISTEN_PID"] = str(os.getpid())  # exec keeps the pid
         env["LISTEN_FDNAMES"] = ":".join(p.names)
-    env[ENV_FD] = str(channel_fd)
+    env[channel_var] = str(channel_fd)
     for key in ("USER", "LOGNAME", "HOME"):  # root's would mislead PROGRAM
         env.pop(key, None)
     if p.creds.name is not None:
@@ -329,6 +357,8 @@ def _ensure_stdio() -> None:
 def launch(p: Plan) -> NoReturn:
     """Steps 2 to 6 (see the module doc); raises LaunchError before the exec."""
     environ = dict(os.environ)
+    if p.broker is not None:
+        _launch_with_broker(p, environ)
     creator = _start_creator(p)
     try:
         socks = get_sockets(creator, p)
@@ -342,15 +372,42 @@ def launch(p: Plan) -> NoReturn:
             s.close()
         _stop(creator)
         raise LaunchError(EXIT_SYSTEM, f"cannot drop privileges: {e}") from None
-    channel = creator.detach()
+    _exec(p, environ, socks, creator.detach().detach(), ENV_FD)
+
+
+def _launch_with_broker(p: Plan, environ: dict[str, str]) -> NoReturn:
+    """--broker: drop first (if root), so the broker sees U; then as for a creator."""
+    assert p.broker is not None
+    if os.geteuid() == 0:
+        try:
+            drop_to(p.creds, allow_root=True)
+        except (OSError, ValueError, LookupError) as e:
+            raise LaunchError(EXIT_SYSTEM, f"cannot drop privileges: {e}") from None
     try:
-        sources = [s.detach() for s in socks] + [channel.detach()]
+        backlog = min(p.backlog, 65535)  # the kernel caps it at somaxconn anyway
+        broker, socks = get_listen_sockets(p.broker, p.listen_specs, backlog=backlog)
+    except SocketRefusedError as e:
+        raise LaunchError(
+            EXIT_REFUSED,
+            f"--listen {e.request}: refused by the broker ({e.reason.name.lower()}): {e.strerror}",
+        ) from None
+    except (CreatorError, OSError) as e:
+        raise LaunchError(EXIT_CREATOR, f"the broker at {p.broker} failed: {e}") from None
+    _exec(p, environ, socks, broker.detach(), ENV_BROKER_FD)
+
+
+def _exec(
+    p: Plan, environ: dict[str, str], socks: list[socket.socket], channel: int, channel_var: str
+) -> NoReturn:
+    """Steps 5 and 6: the descriptors into place, then PROGRAM."""
+    try:
+        sources = [s.detach() for s in socks] + [channel]
         for fd in sources:
             os.set_blocking(fd, True)
         place_fds(sources)
     except OSError as e:
         raise LaunchError(EXIT_SYSTEM, f"cannot arrange descriptors: {e}") from None
-    env = build_environment(environ, p, SD_LISTEN_FDS_START + len(p.listens))
+    env = build_environment(environ, p, SD_LISTEN_FDS_START + len(p.listens), channel_var)
     # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across exec.
     ignored = [getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, n)]
     for sig in ignored:
