@@ -677,11 +677,6 @@ def test_huge_batch_gets_its_answers_blocking(survivor: SocketCreator) -> None:
         assert info.value.errno == errno.EADDRNOTAVAIL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=f"known bug: {_DEADLOCK}; fix: AsyncSocketCreator._submit starts the reader "
-    "(_ensure_reader) before it awaits _sendall, so answers are read while it writes",
-)
 def test_huge_batch_gets_its_answers_asyncio(survivor: SocketCreator) -> None:
     async def main() -> None:
         async with AsyncSocketCreator(timeout=1) as c:

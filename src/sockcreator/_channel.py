@@ -24,6 +24,7 @@ __all__ = [
     "ANCBUFSIZE",
     "CREATOR_PATH",
     "RECV_FLAGS",
+    "SEND_FLAGS",
     "RequestSpec",
     "adopt",
     "close_fds",
@@ -41,6 +42,9 @@ CREATOR_PATH = str(Path(__file__).resolve().with_name("creator.py"))
 #: the kernel drops (never installs) whatever does not fit (MSG_CTRUNC).
 ANCBUFSIZE = socket.CMSG_SPACE(8 * array.array("i").itemsize)
 RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+#: A dead creator is an EPIPE error, never a SIGPIPE that kills a client
+#: whose SIGPIPE disposition is the default.
+SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag '&' costs a microsecond
 # A socket object's family and type as the kernel gave them (SO_DOMAIN and
 # SO_TYPE, read when the object is made), as plain ints: socket.socket's own

@@ -18,6 +18,7 @@ from types import TracebackType
 from ._channel import (
     ANCBUFSIZE,
     RECV_FLAGS,
+    SEND_FLAGS,
     RequestSpec,
     adopt,
     close_fds,
@@ -144,6 +145,9 @@ class AsyncSocketCreator:
             for r, f in zip(reqs, futs, strict=True):
                 self._parser.expect(r)
                 self._waiters.append(f)
+            # Read while we write: a batch larger than the socket buffers
+            # would otherwise deadlock against a creator blocked on answers.
+            self._ensure_reader()
             try:
                 await self._sendall(sock, b"".join(r.encode() for r in reqs))
             except BaseException as e:
@@ -155,8 +159,6 @@ class AsyncSocketCreator:
                 await self._fail(f"cannot write to the creator: {e!r}")
                 if not isinstance(e, Exception):
                     raise
-                return futs
-            self._ensure_reader()
         return futs
 
     def _usable(self) -> socket.socket:
@@ -190,7 +192,7 @@ class AsyncSocketCreator:
         view = memoryview(data)
         while view:
             try:
-                view = view[sock.send(view) :]
+                view = view[sock.send(view, SEND_FLAGS) :]
             except (BlockingIOError, InterruptedError):
                 await self._wait_io(sock, write=True)
 
