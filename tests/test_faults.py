@@ -665,11 +665,6 @@ _DEADLOCK = "a batch larger than the socket buffers deadlocks until the timeout"
 _BIG_BATCH = [("udp", "2001:db8::1", 0)] * 30000  # not ours: EB EADDRNOTAVAIL each
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=f"known bug: {_DEADLOCK}; fix: SocketCreator._transact sends the batch in "
-    "windows (say 1024 requests) and collects each window's answers before the next",
-)
 def test_huge_batch_gets_its_answers_blocking(survivor: SocketCreator) -> None:
     with SocketCreator(timeout=1) as c:
         with pytest.raises(SocketCreationError) as info:
@@ -755,13 +750,6 @@ except BaseException as e:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: Ctrl-C while the blocking client waits for an answer raises "
-    "CreatorFatalError, not KeyboardInterrupt (kept only as __context__); fix: in "
-    "SocketCreator._collect, mark the handle dead and kill/reap the creator without "
-    "raising, then re-raise the original exception",
-)
 def test_ctrl_c_during_a_request_stays_a_keyboard_interrupt() -> None:
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run(
@@ -874,12 +862,6 @@ except CreatorFatalError:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a client process whose SIGPIPE is SIG_DFL is killed by SIGPIPE "
-    "when it writes to a dead creator; fix: send with MSG_NOSIGNAL "
-    "(sock.sendall(data, socket.MSG_NOSIGNAL); sock.send(view, MSG_NOSIGNAL) in aio)",
-)
 def test_client_with_default_sigpipe_survives_a_dead_creator() -> None:
     out = subprocess.run(
         [sys.executable, "-c", _SIGPIPE_DEFAULT], capture_output=True, timeout=3 * BOUND

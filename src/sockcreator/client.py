@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -15,6 +16,7 @@ from typing import NoReturn
 from ._channel import (
     ANCBUFSIZE,
     RECV_FLAGS,
+    SEND_FLAGS,
     RequestSpec,
     adopt,
     close_fds,
@@ -54,6 +56,14 @@ def _set_timeouts(sock: socket.socket, timeout: float) -> None:
     sock.settimeout(None)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+@functools.lru_cache(maxsize=256, typed=True)  # typed: True is not 1, 0.0 is not 0
+def _cached_request(protocol: ProtocolSpec, address: AddressSpec, port: int) -> Request:
+    """make_request for repeated get_socket() calls: Requests are immutable, and
+    validating the same arguments again costs a tenth of a sequential request.
+    Refusals are exceptions, which lru_cache never stores."""
+    return make_request(protocol, address, port)
 
 
 class SocketCreator:
@@ -139,55 +149,70 @@ class SocketCreator:
 
     def get_socket(self, protocol: ProtocolSpec, address: AddressSpec, port: int) -> socket.socket:
         """One bound socket (not listening), non-inheritable."""
-        return self._transact([make_request(protocol, address, port)])[0]
+        try:
+            request = _cached_request(protocol, address, port)
+        except TypeError:  # unhashable, or refused: let make_request say what is wrong
+            request = make_request(protocol, address, port)
+        return self._transact([request])[0]
 
     def get_sockets(self, requests: Iterable[RequestSpec]) -> list[socket.socket]:
         """Many sockets, pipelined in one write.  All or nothing: on any
         failure the ones received are closed and the first failure raised."""
         return self._transact(normalize(requests))
 
+    #: Requests in flight at once.  A batch is sent in windows of this many,
+    #: each window's answers read before the next is sent: a huge batch
+    #: written all at once would deadlock against a creator blocked on
+    #: writing answers that nobody reads yet.
+    WINDOW = 512
+
     def _transact(self, reqs: list[Request]) -> list[socket.socket]:
         if not reqs:
             return []
-        data = b"".join([r.encode() for r in reqs])
+        got: list[socket.socket] = []
+        failures: list[SocketCreationError] = []
         with self._lock:
             self._check_alive()
-            for r in reqs:
-                self._parser.expect(r)
             try:
-                self._sock.sendall(data)
-            except OSError as e:
-                self._fatal(f"cannot write to the creator: {e}", self._last_words())
-            return self._collect()
-
-    def _collect(self) -> list[socket.socket]:
-        got: list[socket.socket] = []
-        failure: SocketCreationError | None = None
-        try:
-            while self._parser.pending:
-                events = self._read_events()
-                for i, ev in enumerate(events):
-                    if isinstance(ev, SocketReceived):
-                        try:
-                            got.append(adopt(ev.fd, ev.request))
-                        except ProtocolViolation as e:
-                            close_fds(
-                                e.fd for e in events[i + 1 :] if isinstance(e, SocketReceived)
-                            )
-                            self._fatal(str(e))
-                    elif failure is None:
-                        failure = socket_creation_error(ev.errno, ev.stage, ev.request)
-        except BaseException as e:
+                for start in range(0, len(reqs), self.WINDOW):
+                    window = reqs[start : start + self.WINDOW]
+                    for r in window:
+                        self._parser.expect(r)
+                    data = (
+                        window[0].encode()
+                        if len(window) == 1
+                        else b"".join([r.encode() for r in window])
+                    )
+                    try:
+                        self._sock.sendall(data, SEND_FLAGS)
+                    except OSError as e:
+                        self._fatal(f"cannot write to the creator: {e}", self._last_words())
+                    self._collect(got, failures)
+            except BaseException as e:
+                for s in got:
+                    s.close()
+                if self._dead is None:  # interrupted (Ctrl-C) mid-answer: out of step
+                    self._kill(f"interrupted while reading answers: {e!r}")
+                raise  # the interruption itself, not a CreatorFatalError
+        if failures:
             for s in got:
                 s.close()
-            if self._dead is None:  # interrupted mid-answer: the channel is out of step
-                self._fatal(f"interrupted while reading answers: {e!r}")
-            raise
-        if failure is not None:
-            for s in got:
-                s.close()
-            raise failure
+            raise failures[0]
         return got
+
+    def _collect(self, got: list[socket.socket], failures: list[SocketCreationError]) -> None:
+        """Read answers until none is pending: sockets into ``got``, 'E's into ``failures``."""
+        while self._parser.pending:
+            events = self._read_events()
+            for i, ev in enumerate(events):
+                if isinstance(ev, SocketReceived):
+                    try:
+                        got.append(adopt(ev.fd, ev.request))
+                    except ProtocolViolation as e:
+                        close_fds(e.fd for e in events[i + 1 :] if isinstance(e, SocketReceived))
+                        self._fatal(str(e))
+                else:
+                    failures.append(socket_creation_error(ev.errno, ev.stage, ev.request))
 
     def _read_events(self) -> list[Event]:
         try:
@@ -201,7 +226,7 @@ class SocketCreator:
         except OSError as e:
             self._fatal(f"cannot read from the creator: {e}")
         try:
-            fds = unpack_fds(anc, flags)
+            fds = unpack_fds(anc, flags) if anc or flags else []  # (most reads carry none)
         except ProtocolViolation as e:
             self._fatal(str(e))
         if not data:
@@ -238,11 +263,15 @@ class SocketCreator:
         if self._dead is not None:
             raise CreatorFatalError(f"creator unusable: {self._dead}")
 
-    def _fatal(self, reason: str, condition: str | None = None) -> NoReturn:
-        """Close the channel, kill and reap the creator, and raise."""
+    def _kill(self, reason: str) -> int | None:
+        """Close the channel, kill and reap the creator; its exit status."""
         self._dead = reason
         self._sock.close()
-        status = reap(self._proc, min(1.0, self._timeout))
+        return reap(self._proc, min(1.0, self._timeout))
+
+    def _fatal(self, reason: str, condition: str | None = None) -> NoReturn:
+        """:meth:`_kill`, then raise the CreatorFatalError."""
+        status = self._kill(reason)
         raise CreatorFatalError(reason, condition=condition, exit_status=status)
 
     def terminate(self) -> None:
@@ -251,7 +280,7 @@ class SocketCreator:
             if self._dead is not None:
                 return
             try:
-                self._sock.sendall(b"T")
+                self._sock.sendall(b"T", SEND_FLAGS)
                 data = self._sock.recv(1)
             except (TimeoutError, BlockingIOError):
                 self._fatal(f"creator did not exit within {self._timeout}s of 'T'")
