@@ -90,6 +90,11 @@ class Request:
         return "tcp" if self.type == socket.SOCK_STREAM else "udp"
 
     def encode(self) -> bytes:
+        return self._wire
+
+    @functools.cached_property
+    def _wire(self) -> bytes:
+        """The bytes on the wire, made once: a Request never changes."""
         options = int(self.options)
         data = (
             (b"P" if options else b"S")
