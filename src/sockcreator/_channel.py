@@ -186,6 +186,11 @@ def unpack_fds(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
             os.set_inheritable(fd, False)
     if flags & _MSG_CTRUNC:
         close_fds(fds)
+        if not fds:  # the kernel could not install even one: our table is full
+            raise ProtocolViolation(
+                "a descriptor was lost (MSG_CTRUNC, none received): "
+                "this process is probably out of descriptors (EMFILE)"
+            )
         raise ProtocolViolation("too many descriptors in one message (MSG_CTRUNC)")
     return fds
 
