@@ -1,24 +1,58 @@
 """Benchmark: the broker (``sockcreator serve``) under 32 concurrent clients.
 
     python benchmarks/bench_broker.py [--clients 32] [--seconds 3] [--held 10000]
-                                      [--json FILE]
+                                      [--drivers library,lean] [--rounds 1]
+                                      [--json FILE] [--baseline GIT-REV|DIR]
 
 Starts a broker (as root: in a fresh network namespace, dropping to
-``nobody``; otherwise as ourselves), then measures, for each scenario, with
-no other sockets held and then with ``--held`` sockets held at once by
-another connection:
+``nobody``; otherwise as ourselves), then measures, for each driver and
+scenario, with no other sockets held and then with ``--held`` sockets held
+at once by another connection (in a process of its own):
 
 - ``fresh``: each client asks for its own UDP socket and releases it again,
   so every grant is a new socket from the creator (socket(), bind(),
-  SCM_RIGHTS twice: creator to broker to client);
+  SCM_RIGHTS twice: creator to broker to client), and every release closes
+  it;
 - ``shared``: every client asks for the same cached socket (share ANY) and
   releases it, so no grant needs the creator.
 
-Each client is its own process, in a closed loop (request, release, repeat)
-for ``--seconds``; the figures are grants per second over all clients and
-the p50/p99 latency of a grant (request sent to socket in hand).  With C
-clients always waiting, latency is about C / throughput (Little's law):
-p99 <= 2 ms at 32 clients needs well over 16,000 grants/s.
+What is measured: 32 clients, each with its own connection and ONE request
+outstanding at a time (the issue's semantics: no pipelining), in a closed
+loop (request, release, repeat) for ``--seconds``.  Figures: grant+release
+cycles per second over all clients ("grants/s"), and the p50/p99 latency of
+a grant (request sent to socket in hand).  With C clients always waiting,
+latency is about C / throughput (Little's law): p99 <= 2 ms at 32 clients
+needs well over 16,000 grants/s.
+
+Two drivers:
+
+- ``library``: each client is its own process using ``sockcreator.Broker``
+  (what a program sees, client library included).  On a machine with two
+  CPUs these 32 Python processes take more CPU than the broker: the figure
+  is then bound by the clients as much as by the broker;
+- ``lean``: the 32 connections driven from ``--lean-procs`` processes (one
+  by default) with epoll and pre-encoded frames; every answer is still
+  checked (kind, id) and every descriptor received and closed.  Same
+  protocol and semantics, without a client library's cost: what the broker
+  can serve.
+
+Where the CPU goes: the CPU time (from /proc) of the broker, of its creator
+and of all client processes, per grant+release cycle, split into user
+(mostly the Python interpreter) and system (the kernel) time; how much of
+the machine other processes used meanwhile ("other", in CPUs), and how much
+the hypervisor took ("steal"): this machine is shared, and a figure taken
+while something else ran says little.  The broker's CPU per cycle says what
+it could serve with a CPU of its own: 1e6 / (broker us per cycle).
+
+``--client-nice N`` / ``--client-batch`` / ``--broker-nice N`` change how
+the scheduler shares the CPUs between the clients and the broker (all equal
+by default).
+
+``--baseline REV`` (a git revision, or a directory holding a
+``sockcreator`` package) measures that version and this one, round by round
+in turn (``--rounds``, default 3), and prints a before/after table of the
+medians.  Both sides run this script, each with its own package for the
+broker and the clients.
 
 Targets (issue 4): >= 10,000 grants/s, p99 <= 2 ms, no slowdown with 10,000
 sockets held.  This is not a test: nothing here fails a build.
@@ -32,16 +66,22 @@ import json
 import multiprocessing
 import os
 import platform
+import select
 import shutil
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from sockcreator._broker_protocol import Hello, ShareMode, SocketRequest
+from sockcreator._protocol import make_request
 from sockcreator.broker_client import Broker
 
 UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
@@ -49,6 +89,11 @@ IP = shutil.which("ip") or "/usr/sbin/ip"
 HELD_BASE = 10000  # held sockets: 127.0.0.2, ports 10000 and up
 FRESH_BASE = 40000  # client i: 127.0.0.1 port 40000 + i
 SHARED_PORT = 39999
+SCENARIOS = ("fresh", "shared")
+_ID = struct.Struct("!I")
+_GRANT_ID = struct.Struct("!Q")  # a G frame's grant, after kind, length and id
+_RELEASE = struct.Struct("!cHIQ")
+TICK = os.sysconf("SC_CLK_TCK")
 
 POLICY = """
 [[allow]]
@@ -58,7 +103,44 @@ ports = ["1024-65535"]
 """
 
 
-def start_broker(directory: Path, max_held: int) -> subprocess.Popen[bytes]:
+# --- CPU accounting ---------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (0.0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:  # nanoseconds on the CPU
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def user_system(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of one process (from /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) / TICK, int(fields[12]) / TICK
+    except (OSError, ValueError, IndexError):
+        return 0.0, 0.0
+
+
+def machine_busy() -> tuple[float, float]:
+    """CPU seconds the whole machine has been busy since boot, and those the
+    hypervisor took away from it (steal)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / TICK, steal / TICK
+
+
+# --- the broker -------------------------------------------------------------------
+
+
+def start_broker(
+    directory: Path, max_held: int, nice: int = 0
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The broker (its pid is the Popen's: unshare and sh exec) and its creator's pid."""
     (directory / "policy.toml").write_text(POLICY)
     argv = [sys.executable, "-m", "sockcreator.cli", "serve", "--socket",
             str(directory / "broker.sock"), "--policy", str(directory / "policy.toml"),
@@ -67,6 +149,8 @@ def start_broker(directory: Path, max_held: int) -> subprocess.Popen[bytes]:
         argv += ["--user", "nobody"]
         script = f'{IP} link set lo up && exec "$0" "$@"'
         argv = [UNSHARE, "-n", "/bin/sh", "-c", script, *argv]
+    if nice:
+        argv = ["nice", "-n", str(nice), *argv]  # (below 0: as root only)
     log = open(directory / "audit.log", "wb")  # noqa: SIM115 - lives as long as the broker
     proc = subprocess.Popen(argv, stdout=log, stderr=log)
     deadline = time.monotonic() + 30
@@ -74,10 +158,18 @@ def start_broker(directory: Path, max_held: int) -> subprocess.Popen[bytes]:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"broker did not start:\n{(directory / 'audit.log').read_text()}")
         time.sleep(0.02)
-    return proc
+    with open(directory / "audit.log", "rb") as f:
+        start = json.loads(next(line for line in f if b'"event":"start"' in line))
+    return proc, int(start["creator_pid"])
 
 
-def client(path: str, index: int, scenario: str, seconds: float, barrier: Any, out: Any) -> None:
+# --- the clients ------------------------------------------------------------------
+
+
+def client(
+    path: str, index: int, scenario: str, seconds: float, sched: str, barrier: Any, out: Any
+) -> None:
+    set_sched(sched)
     port = SHARED_PORT if scenario == "shared" else FRESH_BASE + index
     share = "ANY" if scenario == "shared" else "NO"
     lat = array.array("d")
@@ -86,6 +178,7 @@ def client(path: str, index: int, scenario: str, seconds: float, barrier: Any, o
             b.release_socket(b.request_socket("udp", "127.0.0.1", port, share=share))
         barrier.wait()
         perf = time.perf_counter
+        cpu0 = os.times()
         end = perf() + seconds
         while True:
             t0 = perf()
@@ -94,77 +187,283 @@ def client(path: str, index: int, scenario: str, seconds: float, barrier: Any, o
             s = b.request_socket("udp", "127.0.0.1", port, share=share)
             lat.append(perf() - t0)
             b.release_socket(s)
-    out.put((index, lat.tobytes()))
+        cpu1 = os.times()
+    out.put((index, (cpu1.user - cpu0.user, cpu1.system - cpu0.system), lat.tobytes()))
 
 
-def run_scenario(path: str, scenario: str, clients: int, seconds: float) -> dict[str, Any]:
+class _Lean:
+    """One connection of the lean driver: one request outstanding at a time."""
+
+    __slots__ = ("buf", "grant", "head", "rid", "sock", "t0", "tail")
+
+    def __init__(self, path: str, port: int, share: ShareMode) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.sock.sendall(Hello().encode())
+        frame = SocketRequest(0, make_request("udp", "127.0.0.1", port), share).encode()
+        self.head, self.tail = frame[:3], frame[7:]
+        self.rid, self.grant, self.t0, self.buf = 0, 0, 0.0, b""
+        while len(self.buf) < 10:  # the hello answer: H, 7 bytes of body
+            self.buf += self.sock.recv(10 - len(self.buf))
+        self.buf = b""
+        self.sock.setblocking(False)
+
+    def ask(self) -> None:
+        self.rid += 1
+        self.sock.send(self.head + _ID.pack(self.rid) + self.tail)
+
+    def release(self) -> None:
+        self.rid += 1
+        self.sock.send(_RELEASE.pack(b"R", 12, self.rid, self.grant))
+
+
+def lean(
+    path: str, indices: list[int], scenario: str, seconds: float, sched: str, barrier: Any,
+    out: Any,
+) -> None:  # fmt: skip
+    """The lean driver: several connections from one process, driven with
+    epoll and pre-encoded frames, each answer checked (kind and id) and each
+    descriptor received and closed.  The same protocol work as a client,
+    without a client library's cost, so that the broker is what is measured."""
+    set_sched(sched)
+    share = ShareMode.ANY if scenario == "shared" else ShareMode.NO
+    conns = [_Lean(path, SHARED_PORT if scenario == "shared" else FRESH_BASE + i, share)
+             for i in indices]  # fmt: skip
+    ep = select.epoll()
+    by_fd = {c.sock.fileno(): c for c in conns}
+    for fd in by_fd:
+        ep.register(fd, select.EPOLLIN)
+    lat = array.array("d")
+    perf = time.perf_counter
+    anc_size = socket.CMSG_SPACE(4 * 4)
+    cloexec = socket.MSG_CMSG_CLOEXEC
+
+    def run(until: float, record: bool) -> None:
+        for c in conns:
+            c.t0 = perf()
+            c.ask()
+        busy = len(conns)
+        while busy:
+            for fd, _ in ep.poll(1.0):
+                c = by_fd[fd]
+                data, anc, _flags, _ = c.sock.recvmsg(258, anc_size, cloexec)
+                data = c.buf + data
+                if len(data) < 3 or len(data) < 3 + int.from_bytes(data[1:3], "big"):
+                    c.buf = data  # a frame cut short: wait for the rest
+                    continue
+                c.buf = b""
+                kind, rid = data[:1], _ID.unpack_from(data, 3)[0]
+                for _level, _type, blob in anc:
+                    for got in array.array("i", blob[: len(blob) - len(blob) % 4]):
+                        os.close(got)
+                if rid != c.rid or kind not in (b"G", b"K") or (kind == b"G") != bool(anc):
+                    raise SystemExit(f"unexpected answer {data!r} to {c.rid}")
+                now = perf()
+                if kind == b"G":
+                    if record:
+                        lat.append(now - c.t0)
+                    c.grant = _GRANT_ID.unpack_from(data, 7)[0]
+                    c.release()
+                elif now < until:
+                    c.t0 = now
+                    c.ask()
+                else:
+                    busy -= 1
+
+    run(perf() + 0.2, False)  # warm up
+    barrier.wait()
+    cpu0 = os.times()
+    run(perf() + seconds, True)
+    cpu1 = os.times()
+    for c in conns:
+        c.sock.close()
+    out.put((indices[0], (cpu1.user - cpu0.user, cpu1.system - cpu0.system), lat.tobytes()))
+
+
+def set_sched(sched: str) -> None:
+    if sched == "batch":  # woken, they wait for the tick rather than preempt the broker
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    elif sched.startswith("nice") and int(sched[4:]):
+        os.nice(int(sched[4:]))
+
+
+def run_scenario(
+    path: str, scenario: str, clients: int, seconds: float, sched: str, pids: tuple[int, int],
+    driver: str = "library", procs_lean: int = 1,
+) -> dict[str, Any]:  # fmt: skip
     ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Barrier(clients + 1)
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(target=client, args=(path, i, scenario, seconds, barrier, out))
-        for i in range(clients)
-    ]
+    if driver == "lean":
+        groups = [list(range(clients))[k::procs_lean] for k in range(procs_lean)]
+        barrier = ctx.Barrier(len(groups) + 1)
+        out = ctx.Queue()
+        procs = [
+            ctx.Process(target=lean, args=(path, g, scenario, seconds, sched, barrier, out))
+            for g in groups
+        ]
+    else:
+        barrier = ctx.Barrier(clients + 1)
+        out = ctx.Queue()
+        procs = [
+            ctx.Process(target=client, args=(path, i, scenario, seconds, sched, barrier, out))
+            for i in range(clients)
+        ]
     for p in procs:
         p.start()
     barrier.wait()
     t0 = time.perf_counter()
+    (busy0, steal0), broker0, creator0 = machine_busy(), cpu_seconds(pids[0]), cpu_seconds(pids[1])
+    bu0, bs0 = user_system(pids[0])
     lats = array.array("d")
+    client_user = client_sys = 0.0
     for _ in procs:
-        _, blob = out.get(timeout=seconds + 60)
+        _, (user, system), blob = out.get(timeout=seconds + 60)
+        client_user += user
+        client_sys += system
         lats.frombytes(blob)
     wall = time.perf_counter() - t0
+    (busy, steal), broker, creator = machine_busy(), cpu_seconds(pids[0]), cpu_seconds(pids[1])
+    bu, bs = user_system(pids[0])
+    client_cpu = client_user + client_sys
     for p in procs:
         p.join()
     ordered = sorted(lats)
+    n = len(ordered)
+    broker_cpu, creator_cpu = broker - broker0, creator - creator0
     return {
         "scenario": scenario,
+        "driver": driver,
         "clients": clients,
-        "grants": len(ordered),
-        "grants_per_s": len(ordered) / wall,
-        "p50_ms": ordered[len(ordered) // 2] * 1e3,
-        "p99_ms": ordered[int(len(ordered) * 0.99)] * 1e3,
+        "client_sched": sched,
+        "grants": n,
+        "seconds": wall,
+        "grants_per_s": n / wall,
+        "p50_ms": ordered[n // 2] * 1e3,
+        "p99_ms": ordered[int(n * 0.99)] * 1e3,
         "mean_ms": statistics.fmean(ordered) * 1e3,
+        "broker_us": broker_cpu / n * 1e6,
+        "creator_us": creator_cpu / n * 1e6,
+        "clients_us": client_cpu / n * 1e6,
+        "broker_user_us": (bu - bu0) / n * 1e6,
+        "broker_sys_us": (bs - bs0) / n * 1e6,
+        "clients_user_us": client_user / n * 1e6,
+        "clients_sys_us": client_sys / n * 1e6,
+        "broker_cpus": broker_cpu / wall,
+        "other_cpus": max(0.0, (busy - busy0 - broker_cpu - creator_cpu - client_cpu) / wall),
+        "steal_cpus": (steal - steal0) / wall,
     }
 
 
-def hold(path: str, n: int) -> Broker:
+def _holder(path: str, n: int, ready: Any, stop: Any) -> None:
     b = Broker(path, timeout=60)
     for i in range(n):
         b.request_socket("tcp", "127.0.0.2", HELD_BASE + i, backlog=1)
-    return b
+    ready.set()
+    stop.wait()
+    b.close()  # the broker releases them all
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--held", type=int, default=10_000)
-    ap.add_argument("--json", metavar="FILE")
-    ap.add_argument(
-        "--socket", metavar="PATH", help="use a broker already running there (e.g. profiled)"
+class Holder:
+    """``n`` sockets held by another connection, in a process of its own (the
+    clients are forked from this one: they must not inherit 10,000 sockets)."""
+
+    def __init__(self, path: str, n: int) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.ready, self.stop = ctx.Event(), ctx.Event()
+        self.proc = ctx.Process(target=_holder, args=(path, n, self.ready, self.stop))
+        self.proc.start()
+        if not self.ready.wait(300):
+            self.proc.kill()
+            raise SystemExit("the holder did not get its sockets")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.proc.join(60)
+
+
+# --- reporting --------------------------------------------------------------------
+
+HEADER = (
+    f"{'':47}| {'CPU us per grant+release (user+sys)':^41} |\n"
+    f"{'driver':7} {'scenario':8} {'held':>6} {'grants/s':>7} {'p50 ms':>6} {'p99 ms':>6} | "
+    f"{'broker':>13} {'creator':>7} {'clients':>17} | {'other':>5} {'steal':>5}"
+)
+
+
+def line(r: dict[str, Any]) -> str:
+    return (
+        f"{r.get('driver', 'library'):7} {r['scenario']:8} {r['held']:>6} "
+        f"{r['grants_per_s']:>7,.0f} {r['p50_ms']:>6.2f} "
+        f"{r['p99_ms']:>6.2f} | {r['broker_us']:>4.0f} ({r['broker_user_us']:>3.0f}+"
+        f"{r['broker_sys_us']:>3.0f}) {r['creator_us']:>7.0f} {r['clients_us']:>7.0f} "
+        f"({r['clients_user_us']:>3.0f}+{r['clients_sys_us']:>3.0f}) | {r['other_cpus']:>5.2f} "
+        f"{r.get('steal_cpus', 0.0):>5.2f}"
     )
-    args = ap.parse_args()
+
+
+def median_results(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per scenario and held count, the median of each figure over the rounds."""
+    out = []
+    for i, first in enumerate(runs[0]):
+        merged = dict(first)
+        for k, v in first.items():
+            if isinstance(v, float):
+                merged[k] = statistics.median(run[i][k] for run in runs)
+        merged["rounds"] = len(runs)
+        out.append(merged)
+    return out
+
+
+def summary(results: list[dict[str, Any]], held: int) -> None:
+    by = {(r.get("driver", "library"), r["scenario"], r["held"] > 1): r for r in results}
+    for driver, scenario, _ in sorted(by):
+        if (driver, scenario, False) in by and (driver, scenario, True) in by and _:
+            a, b = by[driver, scenario, False], by[driver, scenario, True]
+            print(f"{driver} {scenario}: with {held} held, "
+                  f"{b['grants_per_s'] / a['grants_per_s']:.2f}x the throughput, "
+                  f"p99 {b['p99_ms'] / a['p99_ms']:.2f}x")  # fmt: skip
+
+
+def compare(before: list[dict[str, Any]], after: list[dict[str, Any]], label: str) -> None:
+    print(f"\nbefore ({label}) -> after (this tree), medians of {after[0]['rounds']} rounds")
+    print(f"{'driver':7} {'scenario':8} {'held':>6} | {'grants/s':>17} | {'p50 ms':>13} | "
+          f"{'p99 ms':>13} | {'broker us/cycle':>15} | {'clients us/cycle':>16}")  # fmt: skip
+    for a, b in zip(before, after, strict=True):
+        print(
+            f"{a.get('driver', 'library'):7} {a['scenario']:8} {a['held']:>6} | "
+            f"{a['grants_per_s']:>7,.0f} -> "
+            f"{b['grants_per_s']:>6,.0f} | {a['p50_ms']:>5.2f} -> {b['p50_ms']:>4.2f} | "
+            f"{a['p99_ms']:>5.2f} -> {b['p99_ms']:>4.2f} | {a['broker_us']:>6.0f} -> "
+            f"{b['broker_us']:>5.0f} | {a['clients_us']:>7.0f} -> {b['clients_us']:>5.0f}"
+        )
+
+
+# --- driving ----------------------------------------------------------------------
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     directory = Path(tempfile.mkdtemp(prefix="sockc-bench-", dir="/tmp"))
     directory.chmod(0o755)
-    broker = start_broker(directory, max(4096, args.held + 16)) if not args.socket else None
-    path = args.socket or str(directory / "broker.sock")
+    broker: subprocess.Popen[bytes] | None = None
+    if args.socket:
+        path, pids = args.socket, (0, 0)
+    else:
+        broker, creator_pid = start_broker(directory, max(4096, args.held + 16), args.broker_nice)
+        path, pids = str(directory / "broker.sock"), (broker.pid, creator_pid)
     results = []
+    sched = "batch" if args.client_batch else f"nice{args.client_nice}"
     try:
         with Broker(path) as keeper:  # keeps the shared socket cached throughout
             shared = keeper.request_socket("udp", "127.0.0.1", SHARED_PORT, share="ANY")
             for held in (0, args.held):
-                holder = hold(path, held) if held else None
-                for scenario in ("fresh", "shared"):
-                    r = run_scenario(path, scenario, args.clients, args.seconds)
-                    r["held"] = held + 1
-                    results.append(r)
-                    print(
-                        f"{scenario:6}  held {held + 1:6}  {r['grants_per_s']:9,.0f} grants/s  "
-                        f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "
-                        f"({r['grants']} grants, {args.clients} clients)",
-                        flush=True,
-                    )
+                holder = Holder(path, held) if held else None
+                for driver in args.drivers:
+                    for scenario in SCENARIOS:
+                        r = run_scenario(path, scenario, args.clients, args.seconds, sched, pids,
+                                         driver, args.lean_procs)  # fmt: skip
+                        r["held"] = held + 1
+                        results.append(r)
+                        if not args.quiet:
+                            print(line(r), flush=True)
                 if holder is not None:
                     holder.close()
             keeper.release_socket(shared)
@@ -173,13 +472,104 @@ def main() -> None:
             broker.send_signal(signal.SIGTERM)
             broker.wait(30)
         shutil.rmtree(directory, ignore_errors=True)
-    by = {(r["scenario"], r["held"] > 1): r for r in results}
-    for scenario in ("fresh", "shared"):
-        a, b = by[scenario, False], by[scenario, True]
-        print(f"{scenario}: with {args.held} held, {b['grants_per_s'] / a['grants_per_s']:.2f}x "
-              f"the throughput, p99 {b['p99_ms'] / a['p99_ms']:.2f}x")  # fmt: skip
-    info = {"python": platform.python_version(), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "results": results}  # fmt: skip
+    return results
+
+
+def baseline_tree(spec: str, scratch: Path) -> Path:
+    """A directory holding the baseline's ``sockcreator`` package."""
+    if os.path.isdir(os.path.join(spec, "sockcreator")):
+        return Path(spec)
+    if os.path.isdir(os.path.join(spec, "src", "sockcreator")):
+        return Path(spec) / "src"
+    repo = Path(__file__).resolve().parent.parent
+    blob = subprocess.run(
+        ["git", "-C", str(repo), "archive", "--format=tar", spec, "src/sockcreator"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    tar = scratch / "baseline.tar"
+    tar.write_bytes(blob)
+    with tarfile.open(tar) as t:
+        t.extractall(scratch, filter="data")
+    for p in [scratch, *scratch.rglob("*")]:  # the broker runs as nobody
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return scratch / "src"
+
+
+def run_side(tree: Path, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    argv = [sys.executable, os.path.abspath(__file__), "--quiet", "--json", str(out),
+            "--clients", str(args.clients), "--seconds", str(args.seconds),
+            "--held", str(args.held), "--client-nice", str(args.client_nice),
+            "--broker-nice", str(args.broker_nice), "--drivers", ",".join(args.drivers),
+            "--lean-procs", str(args.lean_procs)]  # fmt: skip
+    if args.client_batch:
+        argv.append("--client-batch")
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    subprocess.run(argv, env=env, check=True)
+    results: list[dict[str, Any]] = json.loads(out.read_text())["results"]
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--held", type=int, default=10_000)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument(
+        "--drivers", default="library,lean", type=lambda v: v.split(","),
+        help="library: one process per client, using sockcreator.Broker (what a program "
+        "sees); lean: the connections driven from --lean-procs processes (what the "
+        "broker serves).  Default: both",
+    )  # fmt: skip
+    ap.add_argument("--lean-procs", type=int, default=1, metavar="N")
+    ap.add_argument("--client-nice", type=int, default=0, metavar="N", help="clients at nice N")
+    ap.add_argument(
+        "--client-batch", action="store_true", help="clients as SCHED_BATCH (no wakeup preemption)"
+    )
+    ap.add_argument(
+        "--broker-nice", type=int, default=0, metavar="N", help="broker at nice N (N < 0: root)"
+    )
+    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--baseline", metavar="REV|DIR", help="compare with this version")
+    ap.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--socket", metavar="PATH", help="use a broker already running there (e.g. profiled)"
+    )
+    args = ap.parse_args()
+    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
+                            "machine": platform.machine(), "args": vars(args)}  # fmt: skip
+    if args.baseline:
+        scratch = Path(tempfile.mkdtemp(prefix="sockc-bench-base-", dir="/tmp"))
+        scratch.chmod(0o755)
+        try:
+            base = baseline_tree(args.baseline, scratch)
+            here = Path(__file__).resolve().parent.parent / "src"
+            runs: dict[str, list[list[dict[str, Any]]]] = {"before": [], "after": []}
+            for i in range(args.rounds or 3):
+                for side, tree in (("before", base), ("after", here)):
+                    runs[side].append(run_side(tree, args, scratch / f"{side}{i}.json"))
+                    print(f"round {i + 1} {side}:")
+                    print(HEADER)
+                    for r in runs[side][-1]:
+                        print(line(r))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        before, after = median_results(runs["before"]), median_results(runs["after"])
+        compare(before, after, args.baseline)
+        info.update(before=before, after=after, rounds=runs)
+    else:
+        if not args.quiet:
+            print(HEADER)
+        rounds = [measure(args) for _ in range(args.rounds or 1)]
+        results = median_results(rounds)
+        if not args.quiet:
+            if len(rounds) > 1:
+                print(f"medians of {len(rounds)} rounds:")
+                for r in results:
+                    print(line(r))
+            summary(results, args.held)
+        info.update(results=results, rounds=rounds)
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2))
 

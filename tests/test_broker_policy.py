@@ -6,14 +6,15 @@ import grp
 import os
 import pwd
 import socket
+from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockcreator._broker_protocol import ShareMode
+from sockcreator._broker_protocol import Reason, ShareMode
+from sockcreator._broker_table import Entry, Grant, Holders, ShareTable, shareable
 from sockcreator._protocol import SocketOptions, make_request
-from sockcreator.broker import _Holders, shareable
 from sockcreator.broker_policy import PolicyError, parse_policy
 
 ROOT = pwd.getpwuid(0).pw_name
@@ -154,7 +155,7 @@ def test_incremental_summary_agrees_with_the_rule(
     uid: int,
     data: st.DataObject,
 ) -> None:
-    h = _Holders()
+    h = Holders()
     for m, n, u in holders:
         h.change(m, (n, u), 1)
     # and some come and go again
@@ -169,3 +170,129 @@ def test_incremental_summary_agrees_with_the_rule(
 def test_socket_kinds() -> None:
     p = parse_policy('[[allow]]\nusers = ["*"]\nprotocols = ["udp"]\nports = [53]\n')
     assert p.rules[0].types == frozenset({socket.SOCK_DGRAM})
+
+
+# --- the table of cached sockets: a model-based test ------------------------------------
+
+_PORTS = [0, 80, 1024]  # 1024: also where a port-0 entry may end up
+_OPTION_SETS = [SocketOptions(0), SocketOptions.REUSEPORT]
+
+
+class _Model:
+    """The table's job, spelled out the slow way: a list of entries, each
+    with its grants as (id, owner, mode, name, uid) in order."""
+
+    def __init__(self, max_sockets: int, max_held: int) -> None:
+        self.max_sockets, self.max_held = max_sockets, max_held
+        self.entries: list[dict[str, Any]] = []  # every live entry, keyed or not
+
+    def held(self, owner: int) -> list[tuple[int, dict[str, Any]]]:
+        return [(g[0], e) for e in self.entries for g in e["grants"] if g[1] == owner]
+
+    def keyed(self, port: int) -> dict[str, Any] | None:
+        for e in self.entries:
+            if e["keyed"] and e["port"] == port:
+                return e
+        return None
+
+
+_op = st.one_of(
+    st.tuples(st.just("claim"), st.integers(0, 3), st.sampled_from(_PORTS),
+              st.sampled_from(_OPTION_SETS), st.sampled_from([None, 5]),
+              st.sampled_from(MODES), st.sampled_from(["a", "b"]), st.sampled_from([1, 2])),
+    st.tuples(st.just("created"), st.integers(0, 9), st.sampled_from([1024, 1025])),
+    st.tuples(st.just("failed"), st.integers(0, 9)),
+    st.tuples(st.just("release"), st.integers(0, 3), st.integers(0, 9)),
+    st.tuples(st.just("release_all"), st.integers(0, 3)),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_op, max_size=60), st.integers(1, 4), st.integers(1, 5))
+def test_share_table_agrees_with_a_model(ops: list[tuple[Any, ...]], max_sockets: int,
+                                         max_held: int) -> None:  # fmt: skip
+    """Every decision of :class:`ShareTable` (refusals and their reasons,
+    waiting for a creation under way, the socket handed back with the last
+    release) is what the model says, and the table stays consistent."""
+    table = ShareTable(max_sockets, max_held)
+    model = _Model(max_sockets, max_held)
+    entries: list[tuple[Entry, dict[str, Any]]] = []  # being created: table's and model's
+    closed: list[object] = []
+    for op in ops:
+        if op[0] == "claim":
+            _, owner, port, options, backlog, mode, name, uid = op
+            if mode is ShareMode.SAMEAPP and not name:
+                continue
+            request = make_request("tcp", "127.0.0.1", port, options=options)
+            got = table.claim(owner, uid, request, backlog, mode, name)
+            e = model.keyed(port) if port else None
+            if len(model.held(owner)) >= max_held:
+                assert got is Reason.LIMIT
+            elif e is not None and (e["options"], e["backlog"]) != (options, backlog):
+                assert got is Reason.OPTIONS
+            elif e is not None and not shareable([g[2:] for g in e["grants"]], mode, name, uid):
+                assert got is Reason.SHARE
+            elif e is None and len(model.entries) >= max_sockets:
+                assert got is Reason.LIMIT
+            else:
+                assert isinstance(got, Grant)
+                if e is None:
+                    assert got.creates and got.entry.sock is None
+                    e = {"port": port, "keyed": bool(port), "options": options,
+                         "backlog": backlog, "grants": [], "sock": None,
+                         "entry": got.entry}  # fmt: skip
+                    model.entries.append(e)
+                    entries.append((got.entry, e))
+                else:
+                    assert not got.creates and (got.entry.sock is None) == (e["sock"] is None)
+                e["grants"].append((got.id, owner, mode, name, uid))
+        elif op[0] in ("created", "failed") and entries:
+            entry, e = entries.pop(op[1] % len(entries))
+            if op[0] == "created":
+                sock = object()
+                waiting = table.created(entry, sock, op[2])
+                if not e["grants"]:
+                    assert waiting is None
+                    model.entries.remove(e)
+                    continue
+                assert waiting is not None
+                assert [g.id for g in waiting] == [g[0] for g in e["grants"]]
+                e["sock"] = sock
+                if not e["port"]:  # cached under the port it got, unless that is taken
+                    e["port"], e["keyed"] = op[2], model.keyed(op[2]) is None
+            else:
+                dropped = table.failed(entry)
+                assert [g.id for g in dropped] == [g[0] for g in e["grants"]]
+                model.entries.remove(e)
+        elif op[0] == "release":
+            _, owner, index = op
+            mine = model.held(owner)
+            ready = [(gid, e) for gid, e in mine if e["sock"] is not None]
+            if not ready:
+                assert all(table.grant(owner, gid) is None for gid, _ in mine)
+                continue
+            gid, e = ready[index % len(ready)]
+            g = table.grant(owner, gid)
+            assert g is not None
+            sock = table.release(g)
+            e["grants"] = [x for x in e["grants"] if x[0] != gid]
+            assert (sock is not None) == (not e["grants"])
+            if sock is not None:
+                assert sock is e["sock"]
+                closed.append(sock)
+                model.entries.remove(e)
+        elif op[0] == "release_all":
+            owner = op[1]
+            released = table.release_all(owner)
+            assert sorted(g.id for g, _ in released) == sorted(gid for gid, _ in model.held(owner))
+            for e in list(model.entries):
+                e["grants"] = [x for x in e["grants"] if x[1] != owner]
+                if not e["grants"] and e["sock"] is not None:
+                    model.entries.remove(e)
+                    assert any(s is e["sock"] for _, s in released)
+                    closed.append(e["sock"])
+        table.check()
+        assert table.live == len(model.entries)
+        keyed = {id(e["entry"]) for e in model.entries if e["keyed"]}
+        assert {id(x) for x in table.entries.values()} == keyed
+    assert len(closed) == len(set(map(id, closed)))  # each socket handed back once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sockcreator import broker_client
 from sockcreator._broker_protocol import (
     MAX_BODY,
     VERSION,
@@ -366,3 +368,112 @@ def test_check_name() -> None:
     for bad in ("é", "a\tb", " ", "x" * 65):
         with pytest.raises(ValueError):
             check_name(bad)
+
+
+# --- reads of any size (a client with one request outstanding) -------------------------
+
+
+def _grant(rid: int = 1) -> Granted:
+    return Granted(rid, 7, socket.AF_INET, socket.SOCK_DGRAM, False,
+                   ipaddress.IPv4Address("127.0.0.1"), 53)  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(ANSWERS), min_size=1, max_size=8), st.data())
+def test_feed_any_in_any_pieces_equals_exact_reads(
+    answers: list[object], data: st.DataObject
+) -> None:
+    stream = b"".join(a.encode() for a in answers)  # type: ignore[attr-defined]
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    d, got = AnswerDecoder(), []
+    for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        got += d.feed_any(stream[a:b])
+    assert got == _feed_exact(AnswerDecoder(), stream) == answers
+    assert d.idle
+
+
+def test_feed_any_gives_the_descriptor_to_the_first_frame() -> None:
+    r, w = os.pipe()
+    try:
+        tail = Released(2).encode() + Fatal(FatalCode.SHUTDOWN, "bye").encode()
+        for chunks in (
+            [(_grant().encode(), [r])],  # one whole frame: the usual read
+            [(_grant().encode() + tail, [r])],  # and what followed it
+            [(_grant().encode()[:5], [r]), (_grant().encode()[5:] + tail, [])],  # in two
+        ):
+            d, got = AnswerDecoder(), []
+            for data, fds in chunks:
+                got += d.feed_any(data, fds)
+            assert got[0] == dataclasses.replace(_grant(), fd=r)
+            assert got[1:] in ([], [Released(2), Fatal(FatalCode.SHUTDOWN, "bye")])
+            assert d.idle
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["grant after a denial", "grant without fd", "fd on a denial", "fd mid-frame",
+     "bad grant, fast path", "bad frame after a grant", "two fds"],
+)  # fmt: skip
+def test_feed_any_violations_hand_back_every_fd(case: str) -> None:
+    g = _grant().encode()
+    deny = Denied(1, 16, Reason.SHARE).encode()
+    bad_grant = g[:3] + g[3:15] + b"?" + g[16:]  # family byte '?'
+    d = AnswerDecoder()
+    with pytest.raises(BrokerProtocolError) as info:
+        if case == "grant after a denial":  # (as a read may glue them: the fd is the G's)
+            d.feed_any(deny + g, [7])
+        elif case == "grant without fd":
+            d.feed_any(deny + g, [])
+        elif case == "fd on a denial":
+            d.feed_any(deny, [7])
+        elif case == "fd mid-frame":
+            d.feed_any(g[:4], [7])
+            d.feed_any(g[4:], [8])
+        elif case == "bad grant, fast path":
+            d.feed_any(bad_grant, [7])
+        elif case == "bad frame after a grant":
+            d.feed_any(g + b"?\x00\x00", [7])
+        else:
+            d.feed_any(g, [7, 8])
+    expected = {"grant after a denial": [7], "grant without fd": [], "fd on a denial": [7],
+                "fd mid-frame": [7, 8], "bad grant, fast path": [7],
+                "bad frame after a grant": [7], "two fds": [7, 8]}[case]  # fmt: skip
+    assert sorted(info.value.fds) == expected
+    with pytest.raises(BrokerProtocolError):
+        d.feed_any(Released(1).encode())  # dead after a violation
+
+
+# --- caches: the same bytes, the same objects; errors never cached -----------------------
+
+
+def test_identical_requests_decode_to_identical_objects() -> None:
+    frame = SocketRequest(9, make_request("udp", "127.0.0.1", 5353), ShareMode.ANY).encode()
+    other = SocketRequest(10, make_request("udp", "127.0.0.1", 5353), ShareMode.ANY).encode()
+    (a,), (b,) = RequestDecoder().feed(HELLO + frame)[1:], RequestDecoder().feed(HELLO + other)[1:]
+    assert isinstance(a, SocketRequest) and isinstance(b, SocketRequest)
+    assert (a.id, b.id) == (9, 10) and a.request is b.request
+    bad = frame[:7] + b"X" + frame[8:]  # protocol 'X'
+    for _ in range(2):
+        with pytest.raises(BrokerProtocolError):
+            RequestDecoder().feed(HELLO + bad)
+
+
+def test_client_request_cache_keeps_checking_types() -> None:
+    t = broker_client._template("udp", "127.0.0.1", 1, "NO", "", False, True, False, None)
+    assert t is broker_client._template("udp", "127.0.0.1", 1, "NO", "", 0, 1, 0, None)
+    assert t.frame(5) == build_request(5, "udp", "127.0.0.1", 1).encode()
+    with pytest.raises(TypeError):  # True == 1, but a bool is no port
+        broker_client._template("udp", "127.0.0.1", True, "NO", "", False, True, False, None)
+    tcp = ("tcp", "127.0.0.1", 80, "NO", "", False, True, False)
+    broker_client._template(*tcp, 1)
+    with pytest.raises(TypeError):
+        broker_client._template(*tcp, True)  # type: ignore[arg-type]
+
+    class Addr(str):
+        pass
+
+    with pytest.raises(ValueError):  # a str subclass is checked every time
+        broker_client._template("udp", Addr("127.0.0.1x"), 1, "NO", "", False, True, False,
+                                None)  # fmt: skip

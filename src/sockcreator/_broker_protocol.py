@@ -47,7 +47,6 @@ says how much to read).  Anything else carrying descriptors is a violation.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import functools
 import ipaddress
@@ -98,6 +97,7 @@ _ALL_FLAGS = int(SocketOptions.REUSEPORT | SocketOptions.DUALSTACK | SocketOptio
 
 _HEADER = struct.Struct("!cH")
 _REQ = struct.Struct("!I1s1sH1sBIB")  # 15 bytes before addr and name
+_REQ_REST = struct.Struct("!1s1sH1sBIB")  # the same after the id
 _GRANT = struct.Struct("!IQ1s1s?H")  # 17 bytes before addr
 _DENY = struct.Struct("!IIc")
 _RELEASE = struct.Struct("!IQ")
@@ -245,12 +245,24 @@ ClientMessage = Union[Hello, SocketRequest, Release, StatusQuery]
 def _decode_request(body: bytes) -> SocketRequest:
     if len(body) < _REQ.size:
         raise BrokerProtocolError("request too short")
-    rid, proto, family, port, share, flags, backlog, nlen = _REQ.unpack_from(body)
+    return SocketRequest(_ID.unpack_from(body)[0], *_request_fields(body[4:]))
+
+
+_RequestFields = tuple[Request, ShareMode, str, Union[int, None]]
+
+
+@functools.lru_cache(maxsize=4096)
+def _request_fields(rest: bytes) -> _RequestFields:
+    """A request's fields after its id, checked.  Cached: a server sees the
+    same few requests again and again, and identical bytes give identical
+    (immutable) objects, which lets it cache what it derives from them too.
+    Errors are raised, never cached."""
+    proto, family, port, share, flags, backlog, nlen = _REQ_REST.unpack_from(rest)
     alen = _ADDR_LEN.get(family)
     kind = _TYPES.get(proto)
     if alen is None or kind is None:
         raise BrokerProtocolError(f"bad protocol or family {proto!r} {family!r}")
-    if len(body) != _REQ.size + alen + nlen:
+    if len(rest) != _REQ_REST.size + alen + nlen:
         raise BrokerProtocolError("request length does not match its fields")
     try:
         mode = ShareMode(share)
@@ -264,18 +276,15 @@ def _decode_request(body: bytes) -> SocketRequest:
         listen = backlog
     else:
         raise BrokerProtocolError(f"bad backlog {backlog} for {proto!r}")
-    raw_name = body[_REQ.size + alen :]
+    raw_name = rest[_REQ_REST.size + alen :]
     if nlen > MAX_NAME or not all(0x21 <= b <= 0x7E for b in raw_name):
         raise BrokerProtocolError("bad share name")
     if mode is ShareMode.SAMEAPP and not raw_name:
         raise BrokerProtocolError("SAMEAPP needs a share name")
-    addr = _address(family, body[_REQ.size : _REQ.size + alen])
+    addr = _address(family, rest[_REQ_REST.size : _REQ_REST.size + alen])
     if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id:
         raise BrokerProtocolError("scope id")  # not reachable: packed has none
-    options = _OPTIONS[flags]
-    return SocketRequest(
-        rid, Request(kind, addr, port, options), mode, raw_name.decode("ascii"), listen
-    )
+    return Request(kind, addr, port, _OPTIONS[flags]), mode, raw_name.decode("ascii"), listen
 
 
 class RequestDecoder:
@@ -299,20 +308,26 @@ class RequestDecoder:
         return self._hello
 
     def feed(self, data: bytes) -> list[ClientMessage]:
-        self._buf += data
+        buf: bytes | bytearray = data
+        if self._buf:
+            self._buf += data
+            buf = self._buf
         out: list[ClientMessage] = []
-        buf = self._buf
-        pos = 0
-        while len(buf) - pos >= 3:
+        pos, end = 0, len(buf)
+        while end - pos >= 3:
             kind, length = _HEADER.unpack_from(buf, pos)
             if length > MAX_BODY:
                 raise BrokerProtocolError(f"frame of {length} bytes is over the limit")
-            if len(buf) - pos - 3 < length:
+            if end - pos - 3 < length:
                 break
             body = bytes(buf[pos + 3 : pos + 3 + length])
             pos += 3 + length
             out.append(self._decode(kind, body))
-        del buf[:pos]
+        if buf is data:
+            if pos < end:  # the start of a frame: kept for the next read
+                self._buf += data[pos:]
+        else:
+            del self._buf[:pos]
         return out
 
     def _decode(self, kind: bytes, body: bytes) -> ClientMessage:
@@ -470,7 +485,7 @@ class Fatal:
 BrokerMessage = Union[HelloReply, Granted, Denied, Released, StatusEntry, StatusEnd, Fatal]
 
 
-def _decode_grant(body: bytes) -> Granted:
+def _decode_grant(body: bytes, fd: int = -1) -> Granted:
     if len(body) < _GRANT.size:
         raise BrokerProtocolError("grant too short")
     rid, grant, family, kind, listening, port = _GRANT.unpack_from(body)
@@ -478,7 +493,7 @@ def _decode_grant(body: bytes) -> Granted:
     if alen is None or kind not in _TYPES or len(body) != _GRANT.size + alen:
         raise BrokerProtocolError("malformed grant")
     addr = _address(family, body[_GRANT.size :])
-    return Granted(rid, grant, _FAMILIES[family], _TYPES[kind], listening, addr, port)
+    return Granted(rid, grant, _FAMILIES[family], _TYPES[kind], listening, addr, port, fd)
 
 
 def _decode_entry(body: bytes) -> StatusEntry:
@@ -558,6 +573,44 @@ class AnswerDecoder:
     def bytes_wanted(self) -> int:
         return self._need
 
+    def feed_any(self, data: bytes, fds: Sequence[int] = ()) -> list[BrokerMessage]:
+        """Like :meth:`feed` for a read of any size (up to several frames):
+        ``fds`` still belong to the first byte of ``data``, which must then
+        start a ``G`` frame.  For a client with one request outstanding,
+        whose answer is the only frame that can carry a descriptor: a
+        ``recvmsg`` never returns bytes after a message that carried
+        descriptors, so such a read starts with that ``G`` frame unless the
+        broker broke the protocol (which this then reports)."""
+        if (  # the usual read: exactly one whole frame, at a frame boundary
+            self._need == 3
+            and not self._head
+            and not self._dead
+            and len(data) >= 3
+            and len(data) == 3 + _HEADER.unpack_from(data)[1]
+            and len(fds) == (data[:1] == b"G")
+        ):
+            try:
+                if fds:
+                    return [_decode_grant(data[3:], fds[0])]
+                return [_decode_answer(data[:1], data[3:])]
+            except BrokerProtocolError as e:
+                self._dead = True
+                e.fds = [*fds]
+                raise
+        out: list[BrokerMessage] = []
+        pos, end = 0, len(data)
+        first = True
+        try:
+            while pos < end or first:
+                piece = data[pos : pos + self._need] if pos or end > self._need else data
+                out += self.feed(piece, fds if first else ())
+                first = False
+                pos += len(piece)
+        except BrokerProtocolError as e:  # what was handed out in this call is lost too
+            e.fds = [*(m.fd for m in out if isinstance(m, Granted)), *e.fds]
+            raise
+        return out
+
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[BrokerMessage]:
         try:
             return self._feed(data, fds)
@@ -592,8 +645,9 @@ class AnswerDecoder:
             self._need -= len(data)
             if self._need:
                 return []
-        msg = _decode_answer(self._kind, self._body)
-        if isinstance(msg, Granted):
-            msg = dataclasses.replace(msg, fd=self._fd)
+        if self._kind == b"G":
+            msg: BrokerMessage = _decode_grant(self._body, self._fd)
+        else:
+            msg = _decode_answer(self._kind, self._body)
         self._head, self._body, self._kind, self._need, self._fd = b"", b"", b"", 3, -1
         return [msg]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import ipaddress
 import math
 import os
 import socket
@@ -33,6 +34,7 @@ from types import TracebackType
 from typing import NoReturn, Union
 
 from ._broker_protocol import (
+    MAX_BODY,
     AnswerDecoder,
     BrokerMessage,
     BrokerProtocolError,
@@ -72,6 +74,12 @@ ENV_BROKER_FD = "SOCKCREATOR_BROKER_FD"
 _ANCBUF = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _CTRUNC = int(socket.MSG_CTRUNC)
+_READ = 3 + MAX_BODY  # the longest frame: one read takes any answer whole
+_SOL_SOCKET, _SO_TYPE = socket.SOL_SOCKET, socket.SO_TYPE
+_SO_DOMAIN = getattr(socket, "SO_DOMAIN", 39)
+_ID = struct.Struct("!I")
+_RELEASE = struct.Struct("!cHIQ")  # a whole 'R' frame
+_TEMPLATES = 256  # requests remembered, encoded (then forgotten all at once)
 ShareSpec = Union[ShareMode, str]
 
 
@@ -183,6 +191,73 @@ def build_request(
     return SocketRequest(rid, request, mode, name, backlog)
 
 
+class _Template:
+    """A checked request, encoded but for its id."""
+
+    __slots__ = ("head", "request", "tail")
+
+    def __init__(self, m: SocketRequest) -> None:
+        frame = m.encode()
+        self.request = m.request
+        self.head = frame[:3]
+        self.tail = frame[7:]
+
+    def frame(self, rid: int) -> bytes:
+        return self.head + _ID.pack(rid) + self.tail
+
+
+_templates: dict[tuple[object, ...], _Template] = {}
+_ADDRESS_TYPES = (str, ipaddress.IPv4Address, ipaddress.IPv6Address)
+
+
+def _template(
+    protocol: ProtocolSpec,
+    address: AddressSpec,
+    port: int,
+    share: ShareSpec,
+    name: str,
+    reuseport: bool,
+    v6only: bool,
+    freebind: bool,
+    backlog: int | None,
+) -> _Template:
+    """:func:`build_request`, remembered for arguments of exactly the plain
+    types (so that, say, ``True`` is never taken for port 1, nor a str
+    subclass for a str: those are checked anew every time)."""
+    key: tuple[object, ...] = ()
+    if (
+        type(port) is int
+        and type(protocol) in (str, int)
+        and type(address) in _ADDRESS_TYPES
+        and type(name) is str
+        and (backlog is None or type(backlog) is int)
+        and type(share) in (str, ShareMode)
+    ):
+        key = (protocol, address, port, share, name, not reuseport, not v6only, not freebind,
+               backlog)  # fmt: skip
+        t = _templates.get(key)
+        if t is not None:
+            return t
+    m = build_request(
+        0,
+        protocol,
+        address,
+        port,
+        share=share,
+        name=name,
+        reuseport=reuseport,
+        v6only=v6only,
+        freebind=freebind,
+        backlog=backlog,
+    )
+    t = _Template(m)
+    if key:
+        if len(_templates) >= _TEMPLATES:
+            _templates.clear()
+        _templates[key] = t
+    return t
+
+
 def _set_timeouts(sock: socket.socket, timeout: float) -> None:
     """Blocking, with the kernel keeping the timeout (SO_RCVTIMEO/SO_SNDTIMEO:
     no poll() before every call); an expired one raises BlockingIOError."""
@@ -219,29 +294,42 @@ def _close(fds: Sequence[int]) -> None:
 
 def _adopt(g: Granted, request: Request | None) -> socket.socket:
     """The granted socket, checked against what the broker said it is and
-    what was asked for: the broker is trusted to decide, not to be right."""
+    what was asked for: the broker is trusted to decide, not to be right.
+    Family and type come from the kernel (SO_DOMAIN, SO_TYPE), the address
+    from getsockname()."""
     try:
-        sock = socket.socket(fileno=g.fd)
+        sock = socket.socket(g.family, g.type, 0, fileno=g.fd)  # asks the kernel nothing
     except OSError as e:
         os.close(g.fd)
-        raise BrokerProtocolError(f"granted descriptor is not a socket: {e}") from None
+        raise BrokerProtocolError(f"granted descriptor is not usable: {e}") from None
     try:
-        host, port = sock.getsockname()[:2]
         try:
-            packed = socket.inet_pton(sock.family, host)
-        except (OSError, TypeError):
+            family = sock.getsockopt(_SOL_SOCKET, _SO_DOMAIN)
+            kind = sock.getsockopt(_SOL_SOCKET, _SO_TYPE)
+            name = sock.getsockname()
+        except OSError as e:  # ENOTSOCK: not a socket at all
+            raise BrokerProtocolError(f"granted descriptor is not a socket: {e}") from None
+        host, port = name[:2] if isinstance(name, tuple) and len(name) >= 2 else ("", -1)
+        try:
+            packed = socket.inet_pton(family, host)
+        except (OSError, TypeError, ValueError):
             packed = b""
-        said = (g.family, g.type, g.address.packed, g.port)
-        if (sock.family, sock.type, packed, port) != said or (
-            request is not None
-            and (
-                request.type != g.type
-                or request.address != g.address
-                or (request.port != 0 and request.port != port)
+        if (
+            family != g.family
+            or kind != g.type
+            or packed != g.address.packed
+            or port != g.port
+            or (
+                request is not None
+                and (
+                    request.type != g.type
+                    or request.address != g.address
+                    or (request.port != 0 and request.port != port)
+                )
             )
         ):
             raise BrokerProtocolError(
-                f"granted {sock.family}/{sock.type} {host} {port}, said "
+                f"granted {family}/{kind} {host} {port}, said "
                 f"{g.family}/{g.type} {g.address} {g.port}, asked for {request}"
             )
     except BaseException:
@@ -288,6 +376,7 @@ class Broker:
         self._timeout = timeout
         self._lock = threading.Lock()
         self._decoder = AnswerDecoder()
+        self._later: collections.deque[BrokerMessage] = collections.deque()  # read, not taken
         self._next_id = 1
         self._held: dict[socket.socket, int] = {}
         self._dead: str | None = None
@@ -358,24 +447,15 @@ class Broker:
         :class:`SocketRefusedError` if refused."""
         with self._lock:
             self._check_alive()
-            m = build_request(
-                self._next_id,
-                protocol,
-                address,
-                port,
-                share=share,
-                name=name,
-                reuseport=reuseport,
-                v6only=v6only,
-                freebind=freebind,
-                backlog=backlog,
-            )
-            answer = self._ask(m.id, m.encode(), "request")[0]
+            t = _template(protocol, address, port, share, name, reuseport, v6only, freebind,
+                          backlog)  # fmt: skip
+            rid = self._next_id
+            answer = self._ask(rid, t.frame(rid), "request")[0]
             if isinstance(answer, Denied):
-                raise _refused(answer.errno, answer.reason, m.request)
+                raise _refused(answer.errno, answer.reason, t.request)
             assert isinstance(answer, Granted)
             try:
-                sock = _adopt(answer, m.request)
+                sock = _adopt(answer, t.request)
             except BrokerProtocolError as e:
                 self._fatal(str(e))
             self._held[sock] = answer.grant
@@ -392,7 +472,8 @@ class Broker:
             self._check_alive()
             grant = self._held.pop(sock)
             sock.close()
-            answer = self._ask(self._next_id, Release(self._next_id, grant).encode(), "release")
+            rid = self._next_id
+            answer = self._ask(rid, _RELEASE.pack(b"R", 12, rid, grant), "release")
             if isinstance(answer[0], Denied):
                 raise _refused(answer[0].errno, answer[0].reason, None)
 
@@ -426,34 +507,42 @@ class Broker:
                 return out
 
     def _read(self) -> BrokerMessage:
+        """The next frame.  One request is outstanding at a time, so reads
+        need not stop at frame boundaries (see AnswerDecoder.feed_any): one
+        ``recvmsg`` takes a whole answer."""
+        if self._later:
+            return self._take(self._later.popleft())
         while True:
             try:
-                data, anc, flags, _ = self._sock.recvmsg(
-                    self._decoder.bytes_wanted(), _ANCBUF, _CLOEXEC
-                )
+                data, anc, flags, _ = self._sock.recvmsg(_READ, _ANCBUF, _CLOEXEC)
             except BlockingIOError:  # SO_RCVTIMEO expired
                 self._fatal(f"no answer from the broker within {self._timeout}s")
             except ConnectionResetError:
                 data, anc, flags = b"", [], 0
             except OSError as e:
                 self._fatal(f"cannot read from the broker: {e}")
-            try:
-                fds = _fds(anc, flags)
-            except BrokerProtocolError as e:
-                self._fatal(str(e))
+            fds: list[int] = []
+            if anc or flags & _CTRUNC:
+                try:
+                    fds = _fds(anc, flags)
+                except BrokerProtocolError as e:
+                    self._fatal(str(e))
             if not data:
                 _close(fds)
                 self._fatal("the broker closed the connection")
             try:
-                messages = self._decoder.feed(data, fds)
+                messages = self._decoder.feed_any(data, fds)
             except BrokerProtocolError as e:
                 _close(e.fds)
                 self._fatal(str(e))
             if messages:
-                msg = messages[0]
-                if isinstance(msg, Fatal):
-                    self._fatal(f"the broker closed the connection: {msg.text}", msg.code)
-                return msg
+                self._later.extend(messages[1:])
+                return self._take(messages[0])
+
+    def _take(self, msg: BrokerMessage) -> BrokerMessage:
+        if isinstance(msg, Fatal):
+            self._fatal(f"the broker closed the connection: {msg.text}", msg.code)
+        return msg
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -461,8 +550,14 @@ class Broker:
 
     def _fatal(self, reason: str, code: FatalCode | None = None) -> NoReturn:
         self._dead = reason
+        self._drop_later()
         self._sock.close()
         raise BrokerFatalError(reason, code=code)
+
+    def _drop_later(self) -> None:
+        """Close the descriptors of answers read but never taken."""
+        _close([m.fd for m in self._later if isinstance(m, Granted)])
+        self._later.clear()
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -481,6 +576,7 @@ class Broker:
             self._held.clear()  # the sockets are the caller's: only forget them
             if self._dead is None:
                 self._dead = "closed"
+                self._drop_later()
                 self._sock.close()
 
     def __enter__(self) -> Broker:

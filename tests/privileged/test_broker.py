@@ -788,6 +788,64 @@ def test_answers_left_unread_time_out(start_broker: Callable[..., BrokerProc]) -
             s.close()
 
 
+def _frames(s: socket.socket, count: int) -> list[Any]:
+    """``count`` answers, read exactly as a client must (AnswerDecoder)."""
+    from sockcreator._broker_protocol import AnswerDecoder
+
+    dec, out = AnswerDecoder(), []
+    while len(out) < count:
+        data, anc, flags, _ = s.recvmsg(dec.bytes_wanted(), socket.CMSG_SPACE(4 * 4))
+        assert data and not flags & socket.MSG_CTRUNC
+        fds = [fd for _, _, blob in anc for fd in struct.unpack(f"{len(blob) // 4}i", blob)]
+        out += dec.feed(data, fds)
+    return out
+
+
+def test_pipelined_release_then_the_same_port_again(
+    start_broker: Callable[..., BrokerProc],
+) -> None:
+    """Request, release and request again one NO socket, in one write: the
+    first grant's descriptor must still go out (the broker may not close the
+    released socket before its G frame is sent), and the port must be free
+    again for the second request.  The answers come in order."""
+    from sockcreator._broker_protocol import Granted, Release, Released
+
+    b = start_broker()
+    before = fd_count(b.pid)
+    req = make_request("udp", "127.0.0.1", 8000)
+    with _raw(b.path) as s:
+        s.sendall(HELLO + b"".join([SocketRequest(1, req).encode(), Release(2, 1).encode(),
+                                    SocketRequest(3, req).encode()]))  # fmt: skip
+        _, first, released, second = _frames(s, 4)
+        assert isinstance(first, Granted) and isinstance(second, Granted)
+        assert (first.id, first.grant, released, second.id) == (1, 1, Released(2), 3)
+        with socket.socket(fileno=first.fd) as a, socket.socket(fileno=second.fd) as c:
+            assert a.getsockname() == c.getsockname() == ("127.0.0.1", 8000)
+            assert os.fstat(a.fileno()).st_ino != os.fstat(c.fileno()).st_ino
+    wait_for(lambda: fd_count(b.pid) == before, "the broker to drop the connection")
+    assert [r["grant"] for r in b.audit("grant")] == [1, 2]
+
+
+def test_each_answer_is_logged_before_it_is_sent(
+    start_broker: Callable[..., BrokerProc],
+) -> None:
+    """The audit line of a grant, denial or release is in the log by the time
+    its answer arrives (lines are batched, but written before any send)."""
+    b = start_broker()
+    with Broker(b.path) as one:
+        keep = one.request_socket("udp", "127.0.0.1", 8001, share="ANY")
+        for i in range(100):
+            s = one.request_socket("udp", "127.0.0.1", 8000 + i % 2, share="ANY")
+            grant = one.grant_of(s)
+            assert b.audit("grant")[-1]["grant"] == grant
+            one.release_socket(s)
+            assert b.audit("release")[-1]["grant"] == grant
+            with pytest.raises(SocketRefusedError):
+                one.request_socket("udp", "127.0.0.1", 8001, share="NO")
+            assert b.audit("deny")[-1]["id"] == one._next_id - 1
+        one.release_socket(keep)
+
+
 def test_async_cancelled_request_gives_the_socket_back(
     start_broker: Callable[..., BrokerProc],
 ) -> None:
