@@ -175,7 +175,7 @@ class SocketCreator:
             self._check_alive()
             try:
                 for start in range(0, len(reqs), self.WINDOW):
-                    window = reqs[start : start + self.WINDOW]
+                    window = reqs if len(reqs) <= self.WINDOW else reqs[start : start + self.WINDOW]
                     for r in window:
                         self._parser.expect(r)
                     data = (
