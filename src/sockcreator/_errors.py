@@ -11,12 +11,18 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from ._protocol import Request
 
-__all__ = ["CreatorError", "CreatorFatalError", "SocketCreationError", "socket_creation_error"]
+__all__ = [
+    "CreatorError",
+    "CreatorFatalError",
+    "SocketCreationError",
+    "errno_error",
+    "socket_creation_error",
+]
 
 
 class CreatorError(Exception):
@@ -37,19 +43,28 @@ class SocketCreationError(CreatorError, OSError):
         return f"[Errno {self.errno}] {self.strerror}: {self.stage} failed for {self.request}"
 
 
-_SUBCLASSES: dict[type[OSError], type[SocketCreationError]] = {}
+_E = TypeVar("_E", bound=OSError)
+_SUBCLASSES: dict[tuple[type[OSError], type[OSError]], type[OSError]] = {}
+
+
+def errno_error(base: type[_E], errno: int) -> _E:
+    """An instance of ``base`` that is also the built-in OSError subclass for
+    ``errno`` (PermissionError for EACCES/EPERM, ...), classes made once."""
+    builtin = type(OSError(errno, ""))  # OSError maps errno to its subclass itself
+    cls: type[OSError] = base
+    if builtin is not OSError:
+        key = (base, builtin)
+        cls = _SUBCLASSES.get(key) or _SUBCLASSES.setdefault(
+            key, type(f"{base.__name__}_{builtin.__name__}", (base, builtin), {})
+        )
+    err = cls(errno, os.strerror(errno))
+    assert isinstance(err, base)
+    return err
 
 
 def socket_creation_error(errno: int, stage: str, request: Request | None) -> SocketCreationError:
     """A SocketCreationError that is also the built-in OSError subclass for ``errno``."""
-    builtin = type(OSError(errno, ""))  # OSError maps errno to its subclass itself
-    cls: type[SocketCreationError] = SocketCreationError
-    if builtin is not OSError:
-        cls = _SUBCLASSES.get(builtin) or _SUBCLASSES.setdefault(
-            builtin,
-            type(f"SocketCreationError_{builtin.__name__}", (SocketCreationError, builtin), {}),
-        )
-    err = cls(errno, os.strerror(errno))
+    err = errno_error(SocketCreationError, errno)
     err.stage = stage
     err.request = request
     return err

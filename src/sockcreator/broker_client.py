@@ -54,7 +54,7 @@ from ._broker_protocol import (
     StatusQuery,
     check_name,
 )
-from ._errors import CreatorError, CreatorFatalError
+from ._errors import CreatorError, CreatorFatalError, errno_error
 from ._protocol import AddressSpec, ProtocolSpec, Request, SocketOptions, make_request
 from .policy import parse_listen
 
@@ -95,18 +95,8 @@ class SocketRefusedError(CreatorError, OSError):
         return f"[Errno {self.errno}] {self.strerror}: refused ({self.reason.name.lower()}){what}"
 
 
-_REFUSED: dict[type[OSError], type[SocketRefusedError]] = {}
-
-
 def _refused(err: int, reason: Reason, request: Request | None) -> SocketRefusedError:
-    builtin = type(OSError(err, ""))
-    cls: type[SocketRefusedError] = SocketRefusedError
-    if builtin is not OSError:
-        cls = _REFUSED.get(builtin) or _REFUSED.setdefault(
-            builtin,
-            type(f"SocketRefusedError_{builtin.__name__}", (SocketRefusedError, builtin), {}),
-        )
-    e = cls(err, os.strerror(err))
+    e = errno_error(SocketRefusedError, err)
     e.reason = reason
     e.request = request
     return e
