@@ -20,6 +20,7 @@ from sockcreator._protocol import (
     INT,
     AnswerParser,
     CreationFailed,
+    DescriptorLost,
     ProtocolViolation,
     Request,
     SocketReceived,
@@ -386,6 +387,71 @@ def test_dead_parser_wants_nothing() -> None:
         p.feed(b"", [7])  # a descriptor with no data byte
     assert p.bytes_wanted() == 0
     assert not p.idle
+
+
+# --- AnswerParser: a descriptor lost on our side (EMFILE, MSG_CTRUNC) -------------
+
+
+def test_lost_descriptor_fails_that_answer_and_stays_in_step() -> None:
+    p = AnswerParser()
+    p.expect(V4)
+    p.expect(V6)
+    p.expect(V4)
+    assert p.feed(b"S") == []
+    assert p.feed_lost_descriptor(b"\0") == [DescriptorLost(V4)]
+    assert p.idle and p.pending == 2 and p.bytes_wanted() == 1
+    assert p.feed(b"S") == []
+    assert p.feed(b"\0", [7]) == [SocketReceived(V6, 7)]  # the next answer as usual
+    assert p.feed(E(b"S", errno.EMFILE)) == [CreationFailed(V4, "socket", errno.EMFILE)]
+    assert p.idle and p.pending == 0
+
+
+def test_lost_descriptor_then_more_data_in_the_same_chunk() -> None:
+    p = AnswerParser()
+    p.expect(V4)
+    p.expect(V6)
+    p.feed(b"S")
+    assert p.feed_lost_descriptor(b"\0" + E(b"B", errno.EACCES)) == [
+        DescriptorLost(V4),
+        CreationFailed(V6, "bind", errno.EACCES),
+    ]
+    assert p.idle
+
+
+@pytest.mark.parametrize(
+    ("before", "lost"),
+    [
+        (b"", b"S"),  # on a status byte
+        (b"", b"E"),
+        (b"E", b"S"),  # inside an 'E' answer
+        (b"S", b""),  # with no data byte at all
+    ],
+    ids=["status-S", "status-E", "in-error", "no-data"],
+)
+def test_lost_descriptor_anywhere_else_is_fatal(before: bytes, lost: bytes) -> None:
+    p = AnswerParser()
+    p.expect(V4)
+    p.feed(before)
+    with pytest.raises(ProtocolViolation, match="descriptor was lost"):
+        p.feed_lost_descriptor(lost)
+    assert p.bytes_wanted() == 0
+    with pytest.raises(ProtocolViolation, match="after a protocol violation"):
+        p.feed(b"S")
+
+
+def test_lost_descriptor_unsolicited_is_fatal() -> None:
+    p = AnswerParser()  # nothing expected: no 'S' can be under way
+    with pytest.raises(ProtocolViolation, match="descriptor was lost"):
+        p.feed_lost_descriptor(b"\0")
+
+
+def test_lost_descriptor_after_a_violation_is_fatal() -> None:
+    p = AnswerParser()
+    p.expect(V4)
+    with pytest.raises(ProtocolViolation):
+        p.feed(b"X")
+    with pytest.raises(ProtocolViolation):
+        p.feed_lost_descriptor(b"\0")
 
 
 # --- AnswerParser: pipelining and feeding patterns -------------------------------

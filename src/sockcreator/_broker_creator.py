@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
+import errno
+import os
 import socket
 import subprocess
 from collections.abc import Callable, Sequence
@@ -11,13 +14,33 @@ from typing import Union
 
 from ._channel import ANCBUFSIZE, RECV_FLAGS, adopt, close_fds, spawn, unpack_fds
 from ._errors import CreatorFatalError, SocketCreationError, socket_creation_error
-from ._protocol import AnswerParser, Event, ProtocolViolation, Request, SocketReceived
+from ._protocol import (
+    AnswerParser,
+    DescriptorLost,
+    Event,
+    ProtocolViolation,
+    Request,
+    SocketReceived,
+)
 
 __all__ = ["CreatorChannel", "Outcome"]
 
 #: What a request's callback gets: the socket, or SocketCreationError (the
-#: kernel refused) or CreatorFatalError (the creator is gone).
-Outcome = Union[socket.socket, SocketCreationError, CreatorFatalError]
+#: kernel refused, in the creator), CreatorFatalError (the creator is gone), or
+#: a plain OSError EMFILE (the socket was made but our own descriptor table was
+#: full when it arrived; the creator is fine).
+Outcome = Union[socket.socket, SocketCreationError, CreatorFatalError, OSError]
+
+_FD_SIZE = array.array("i").itemsize
+
+
+def _no_descriptor(anc: list[tuple[int, int, bytes]]) -> bool:
+    """True if a ``recvmsg`` brought not one descriptor (with MSG_CTRUNC set,
+    the kernel could not install even the first: our table is full)."""
+    return not any(
+        level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) >= _FD_SIZE
+        for level, kind, data in anc
+    )
 
 
 class CreatorChannel:
@@ -136,7 +159,10 @@ class CreatorChannel:
                 data, anc, flags = b"", [], 0
             try:
                 fds = unpack_fds(anc, flags)
-            except ProtocolViolation as e:
+            except ProtocolViolation as e:  # MSG_CTRUNC (unpack_fds closed what came)
+                if data and _no_descriptor(anc):  # EMFILE here: lost, unless misplaced
+                    self._lost_descriptor(data)
+                    continue
                 self._fatal(str(e))
                 return
             if not data:
@@ -157,11 +183,27 @@ class CreatorChannel:
             if not self._waiters and self._parser.idle:
                 return  # nothing more is due (anything else wakes us again)
 
-    def _deliver(self, events: list[Event]) -> None:
+    def _lost_descriptor(self, data: bytes) -> None:
+        """The creator sent a socket our full table could not take: fail that
+        one request with EMFILE; the creator and the stream are still in step.
+        (A descriptor lost anywhere but on an 'S' answer's byte is fatal.)"""
+        try:
+            events = self._parser.feed_lost_descriptor(data)
+        except ProtocolViolation as e:
+            self._fatal(str(e), e.condition)
+            return
+        self._deliver(events)
+
+    def _deliver(self, events: Sequence[Event | DescriptorLost]) -> None:
         for i, ev in enumerate(events):
             callback = self._waiters.popleft()
             outcome: Outcome
-            if isinstance(ev, SocketReceived):
+            if isinstance(ev, DescriptorLost):
+                outcome = OSError(
+                    errno.EMFILE,
+                    f"{os.strerror(errno.EMFILE)}: the broker could not receive {ev.request}",
+                )
+            elif isinstance(ev, SocketReceived):
                 try:
                     outcome = adopt(ev.fd, ev.request)
                 except ProtocolViolation as e:

@@ -52,7 +52,7 @@ from ._broker_protocol import (
     grant_suffix,
 )
 from ._broker_table import Entry, Grant, Key, ShareTable, entry_key
-from ._errors import CreatorFatalError
+from ._errors import CreatorFatalError, SocketCreationError
 from .broker_policy import PeerPolicy, Policy
 
 __all__ = ["BrokerConfig", "BrokerServer", "Peer", "peer_credentials"]
@@ -262,9 +262,11 @@ class BrokerServer:
         if not isinstance(outcome, socket.socket):
             if isinstance(outcome, CreatorFatalError):  # on_fatal stops the server
                 failure = (Reason.UNAVAILABLE, errno.EIO)
-            else:
+            elif isinstance(outcome, SocketCreationError):
                 reason = Reason.SOCKET if outcome.stage == "socket" else Reason.BIND
                 failure = (reason, outcome.errno or errno.EIO)
+            else:  # our own descriptor table was full when the socket came
+                failure = (Reason.LIMIT, errno.EMFILE)
             for g in self.table.failed(entry):
                 g.owner.ready(g, failure)
             return

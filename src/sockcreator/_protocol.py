@@ -38,6 +38,7 @@ __all__ = [
     "INT",
     "AnswerParser",
     "CreationFailed",
+    "DescriptorLost",
     "Event",
     "ProtocolViolation",
     "Request",
@@ -201,6 +202,16 @@ class CreationFailed:
     errno: int
 
 
+@dataclass(frozen=True)
+class DescriptorLost:
+    """An 'S' answer whose descriptor never reached us: the kernel could not
+    install it in the receiver's table (``MSG_CTRUNC`` with none received,
+    i.e. EMFILE on our side).  Only :meth:`AnswerParser.feed_lost_descriptor`
+    yields it; the creator did its part and the stream is still in step."""
+
+    request: Request
+
+
 Event = Union[SocketReceived, CreationFailed]
 
 # Parser states, and how many bytes each one needs before it can move on.
@@ -280,6 +291,23 @@ class AnswerParser:
         if unclaimed:  # descriptors arrived with no data byte at all
             self._state = _DEAD
             raise ProtocolViolation("descriptor received without a data byte")
+        return events
+
+    def feed_lost_descriptor(self, data: bytes) -> list[Event | DescriptorLost]:
+        """Consume ``data`` whose first byte came with a descriptor that was
+        lost on the receiving side (``MSG_CTRUNC``, none received).
+
+        That byte must be the descriptor byte of an 'S' answer: the answer
+        then becomes :class:`DescriptorLost` and the rest of ``data`` is fed
+        as usual.  A lost descriptor anywhere else is a protocol violation."""
+        if not data or self._state != _FD_BYTE or self._buf:
+            where = "without a data byte" if not data else f"outside an 'S' answer ({self._state})"
+            self._state = _DEAD
+            raise ProtocolViolation(f"a descriptor was lost {where}")
+        self._state = _IDLE
+        events: list[Event | DescriptorLost] = [DescriptorLost(self._pending.popleft())]
+        if len(data) > 1:
+            events.extend(self.feed(data[1:]))
         return events
 
     def _complete(self) -> Event | None:
