@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import array
 import asyncio
 import collections
 import errno
@@ -12,7 +11,15 @@ import subprocess
 from collections.abc import Callable, Sequence
 from typing import Union
 
-from ._channel import ANCBUFSIZE, RECV_FLAGS, adopt, close_fds, spawn, unpack_fds
+from ._channel import (
+    ANCBUFSIZE,
+    RECV_FLAGS,
+    adopt,
+    close_fds,
+    descriptor_lost,
+    spawn,
+    unpack_fds,
+)
 from ._errors import CreatorFatalError, SocketCreationError, socket_creation_error
 from ._protocol import (
     AnswerParser,
@@ -30,17 +37,6 @@ __all__ = ["CreatorChannel", "Outcome"]
 #: a plain OSError EMFILE (the socket was made but our own descriptor table was
 #: full when it arrived; the creator is fine).
 Outcome = Union[socket.socket, SocketCreationError, CreatorFatalError, OSError]
-
-_FD_SIZE = array.array("i").itemsize
-
-
-def _no_descriptor(anc: list[tuple[int, int, bytes]]) -> bool:
-    """True if a ``recvmsg`` brought not one descriptor (with MSG_CTRUNC set,
-    the kernel could not install even the first: our table is full)."""
-    return not any(
-        level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) >= _FD_SIZE
-        for level, kind, data in anc
-    )
 
 
 class CreatorChannel:
@@ -160,7 +156,7 @@ class CreatorChannel:
             try:
                 fds = unpack_fds(anc, flags)
             except ProtocolViolation as e:  # MSG_CTRUNC (unpack_fds closed what came)
-                if data and _no_descriptor(anc):  # EMFILE here: lost, unless misplaced
+                if descriptor_lost(data, anc, flags):  # EMFILE here: lost, unless misplaced
                     self._lost_descriptor(data)
                     continue
                 self._fatal(str(e))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import array
 import concurrent.futures
 import contextlib
+import errno
 import os
 import pwd
 import queue
@@ -29,6 +30,8 @@ __all__ = [
     "adopt",
     "close_fds",
     "creator_argv",
+    "descriptor_lost",
+    "descriptor_lost_error",
     "normalize",
     "reap",
     "spawn",
@@ -42,6 +45,7 @@ CREATOR_PATH = str(Path(__file__).resolve().with_name("creator.py"))
 #: the kernel drops (never installs) whatever does not fit (MSG_CTRUNC).
 ANCBUFSIZE = socket.CMSG_SPACE(8 * array.array("i").itemsize)
 RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_INT_SIZE = array.array("i").itemsize
 #: A dead creator is an EPIPE error, never a SIGPIPE that kills a client
 #: whose SIGPIPE disposition is the default.
 SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
@@ -204,6 +208,27 @@ def _describe(family: int, kind: int) -> str:
         except ValueError:
             names.append(str(value))
     return "/".join(names)
+
+
+def descriptor_lost(data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> bool:
+    """True when a ``recvmsg`` brought data and MSG_CTRUNC but not one
+    descriptor: the kernel could not install it because *this* process's
+    descriptor table is full (EMFILE).  The creator did nothing wrong."""
+    return (
+        bool(data)
+        and bool(flags & _MSG_CTRUNC)
+        and not any(
+            level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(d) >= _INT_SIZE
+            for level, kind, d in ancdata
+        )
+    )
+
+
+def descriptor_lost_error(request: Request) -> OSError:
+    """The error for a socket the creator sent that we had no room to receive."""
+    return OSError(
+        errno.EMFILE, f"{os.strerror(errno.EMFILE)}: no room to receive the socket for {request}"
+    )
 
 
 def adopt(fd: int, request: Request) -> socket.socket:

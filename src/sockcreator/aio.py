@@ -23,6 +23,8 @@ from ._channel import (
     adopt,
     close_fds,
     creator_argv,
+    descriptor_lost,
+    descriptor_lost_error,
     normalize,
     spawn,
     unpack_fds,
@@ -31,6 +33,8 @@ from ._errors import CreatorFatalError, socket_creation_error
 from ._protocol import (
     AddressSpec,
     AnswerParser,
+    DescriptorLost,
+    Event,
     ProtocolSpec,
     ProtocolViolation,
     Request,
@@ -196,10 +200,14 @@ class AsyncSocketCreator:
             except (BlockingIOError, InterruptedError):
                 await self._wait_io(sock, write=True)
 
-    async def _recvmsg(self, sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
+    async def _recvmsg(self, sock: socket.socket, n: int) -> tuple[bytes, list[int] | None]:
+        """Data and descriptors; None for descriptors the kernel could not
+        install because our descriptor table is full (EMFILE)."""
         while True:
             try:
                 data, anc, flags, _ = sock.recvmsg(n, ANCBUFSIZE, RECV_FLAGS)
+                if descriptor_lost(data, anc, flags):
+                    return data, None
                 return data, unpack_fds(anc, flags)
             except (BlockingIOError, InterruptedError):
                 pass
@@ -221,6 +229,30 @@ class AsyncSocketCreator:
                 ready.set_exception(_ChannelClosed())
         sock.close()
 
+    def _dispatch(self, events: Sequence[Event | DescriptorLost]) -> None:
+        """Hand each answer to its waiter, in order; a cancelled waiter's
+        socket is closed, never lost."""
+        for i, ev in enumerate(events):
+            fut = self._waiters.popleft()
+            if isinstance(ev, SocketReceived):
+                try:
+                    sock = adopt(ev.fd, ev.request)
+                except ProtocolViolation:
+                    rest = events[i + 1 :]
+                    close_fds(e.fd for e in rest if isinstance(e, SocketReceived))
+                    self._waiters.appendleft(fut)  # so that _fail answers it too
+                    raise
+                if fut.done():  # its waiter was cancelled
+                    sock.close()
+                else:
+                    fut.set_result(sock)
+            elif fut.done():
+                continue
+            elif isinstance(ev, DescriptorLost):
+                fut.set_exception(descriptor_lost_error(ev.request))
+            else:
+                fut.set_exception(socket_creation_error(ev.errno, ev.stage, ev.request))
+
     async def _read_loop(self) -> None:
         assert self._sock is not None
         try:
@@ -231,6 +263,9 @@ class AsyncSocketCreator:
                     raise ProtocolViolation(
                         f"no answer from the creator within {self._timeout}s"
                     ) from None
+                if fds is None:  # lost to EMFILE: that answer fails, the channel is in step
+                    self._dispatch(self._parser.feed_lost_descriptor(data))
+                    continue
                 if not data:
                     close_fds(fds)
                     if self._closing and not self._waiters:
@@ -244,22 +279,7 @@ class AsyncSocketCreator:
                 except ProtocolViolation:
                     close_fds(fds)
                     raise
-                for i, ev in enumerate(events):
-                    fut = self._waiters.popleft()
-                    if isinstance(ev, SocketReceived):
-                        try:
-                            sock = adopt(ev.fd, ev.request)
-                        except ProtocolViolation:
-                            rest = events[i + 1 :]
-                            close_fds(e.fd for e in rest if isinstance(e, SocketReceived))
-                            self._waiters.appendleft(fut)  # so that _fail answers it too
-                            raise
-                        if fut.done():  # its waiter was cancelled
-                            sock.close()
-                        else:
-                            fut.set_result(sock)
-                    elif not fut.done():
-                        fut.set_exception(socket_creation_error(ev.errno, ev.stage, ev.request))
+                self._dispatch(events)
         except ProtocolViolation as e:
             await self._fail(str(e), e.condition)
         except _ChannelClosed:

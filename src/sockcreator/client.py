@@ -21,15 +21,18 @@ from ._channel import (
     adopt,
     close_fds,
     creator_argv,
+    descriptor_lost,
+    descriptor_lost_error,
     normalize,
     reap,
     spawn,
     unpack_fds,
 )
-from ._errors import CreatorFatalError, SocketCreationError, socket_creation_error
+from ._errors import CreatorFatalError, socket_creation_error
 from ._protocol import (
     AddressSpec,
     AnswerParser,
+    DescriptorLost,
     Event,
     ProtocolSpec,
     ProtocolViolation,
@@ -170,7 +173,7 @@ class SocketCreator:
         if not reqs:
             return []
         got: list[socket.socket] = []
-        failures: list[SocketCreationError] = []
+        failures: list[OSError] = []
         with self._lock:
             self._check_alive()
             try:
@@ -200,7 +203,7 @@ class SocketCreator:
             raise failures[0]
         return got
 
-    def _collect(self, got: list[socket.socket], failures: list[SocketCreationError]) -> None:
+    def _collect(self, got: list[socket.socket], failures: list[OSError]) -> None:
         """Read answers until none is pending: sockets into ``got``, 'E's into ``failures``."""
         while self._parser.pending:
             events = self._read_events()
@@ -211,10 +214,12 @@ class SocketCreator:
                     except ProtocolViolation as e:
                         close_fds(e.fd for e in events[i + 1 :] if isinstance(e, SocketReceived))
                         self._fatal(str(e))
+                elif isinstance(ev, DescriptorLost):
+                    failures.append(descriptor_lost_error(ev.request))
                 else:
                     failures.append(socket_creation_error(ev.errno, ev.stage, ev.request))
 
-    def _read_events(self) -> list[Event]:
+    def _read_events(self) -> Sequence[Event | DescriptorLost]:
         try:
             data, anc, flags, _ = self._sock.recvmsg(
                 self._parser.bytes_wanted(), ANCBUFSIZE, RECV_FLAGS
@@ -225,6 +230,11 @@ class SocketCreator:
             data, anc, flags = b"", [], 0
         except OSError as e:
             self._fatal(f"cannot read from the creator: {e}")
+        if descriptor_lost(data, anc, flags):  # our table is full, the channel in step
+            try:
+                return self._parser.feed_lost_descriptor(data)
+            except ProtocolViolation as e:
+                self._fatal(str(e))
         try:
             fds = unpack_fds(anc, flags) if anc or flags else []  # (most reads carry none)
         except ProtocolViolation as e:
