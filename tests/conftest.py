@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import atexit
 import os
 import pwd
 import shutil
@@ -45,6 +46,25 @@ def netns_argv(argv: list[str]) -> list[str]:
     80 are free there; a client socket from the same creator can reach them."""
     script = f'{IP} link set lo up && exec "$0" "$@"'
     return [UNSHARE, "-n", "/bin/sh", "-c", script, *argv]
+
+
+_public_creator: str | None = None
+
+
+def public_creator_path() -> str:
+    """A copy of creator.py that another user can read and run with
+    /usr/bin/python3 (the checkout may sit under the 0700 /root).  Made once
+    per test session, removed at exit."""
+    global _public_creator
+    if _public_creator is None:
+        d = tempfile.mkdtemp(prefix="sockc-public-creator-")
+        atexit.register(shutil.rmtree, d, True)
+        os.chmod(d, 0o755)
+        path = os.path.join(d, "creator.py")
+        shutil.copyfile(CREATOR_PATH, path)
+        os.chmod(path, 0o644)
+        _public_creator = path
+    return _public_creator
 
 
 def unprivileged_port_start() -> int:

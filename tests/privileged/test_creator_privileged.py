@@ -22,14 +22,13 @@ from conftest import (
     creator_argv,
     ensure_user,
     netns_argv,
+    public_creator_path,
     read_answer,
     requires_linux,
     requires_root,
     unprivileged_port_start,
     wire_request,
 )
-
-from sockcreator._channel import CREATOR_PATH
 
 pytestmark = [requires_linux, requires_root, pytest.mark.root]
 
@@ -161,7 +160,7 @@ def _argv_as_user() -> list[str]:
         "-I",
         "-S",
         "-B",
-        CREATOR_PATH,
+        public_creator_path(),
         "--allow-all",
     ]
 

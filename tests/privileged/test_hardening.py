@@ -31,7 +31,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
@@ -47,6 +46,7 @@ from conftest import (
     creator_argv,
     ensure_user,
     netns_argv,
+    public_creator_path,
     requires_linux,
     requires_root,
     unprivileged_port_start,
@@ -111,15 +111,7 @@ def user() -> pwd.struct_passwd:
 @pytest.fixture(scope="module")
 def public_creator() -> Iterator[str]:
     """A copy of creator.py another user can read (the repo may sit under /root)."""
-    d = tempfile.mkdtemp(prefix="sockc-hardening-")
-    try:
-        os.chmod(d, 0o755)
-        path = os.path.join(d, "creator.py")
-        shutil.copyfile(CREATOR_PATH, path)
-        os.chmod(path, 0o644)
-        yield path
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    yield public_creator_path()
 
 
 def wait_pid(pid: int, timeout: float = TIMEOUT) -> int | None:
