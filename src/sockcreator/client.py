@@ -230,15 +230,17 @@ class SocketCreator:
             data, anc, flags = b"", [], 0
         except OSError as e:
             self._fatal(f"cannot read from the creator: {e}")
-        if descriptor_lost(data, anc, flags):  # our table is full, the channel in step
+        fds: list[int] = []
+        if anc or flags:  # (most reads carry nothing but data)
+            if descriptor_lost(data, anc, flags):  # our table is full, the channel in step
+                try:
+                    return self._parser.feed_lost_descriptor(data)
+                except ProtocolViolation as e:
+                    self._fatal(str(e))
             try:
-                return self._parser.feed_lost_descriptor(data)
+                fds = unpack_fds(anc, flags)
             except ProtocolViolation as e:
                 self._fatal(str(e))
-        try:
-            fds = unpack_fds(anc, flags) if anc or flags else []  # (most reads carry none)
-        except ProtocolViolation as e:
-            self._fatal(str(e))
         if not data:
             close_fds(fds)
             self._fatal("the creator closed the connection")
