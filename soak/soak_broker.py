@@ -41,6 +41,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from soak_creator import fd_count, rss_kib  # the same /proc sampling (soak/ is on sys.path)
+
 from sockcreator.broker_client import AsyncBroker, SocketRefusedError
 
 BROKER_USER = "sockc-broker"
@@ -65,18 +67,6 @@ class Sample:
     creator_fds: int
     client_rss_kib: int
     client_fds: int
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def ensure_user(name: str) -> None:

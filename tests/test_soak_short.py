@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from conftest import requires_linux
+from conftest import requires_linux, requires_root
 
 pytestmark = requires_linux
 
@@ -34,6 +34,22 @@ def test_soak_creator_short_run_is_flat() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.rstrip().endswith("flat")
     assert "4000 sockets, 8 'E' answers" in out.stdout
+
+
+@requires_root
+def test_soak_broker_short_run_is_flat() -> None:
+    """The broker soak (it starts a broker as root, in a fresh network
+    namespace), CI-sized: grant/release cycles from several connections."""
+    out = subprocess.run(
+        [sys.executable, str(SOAK / "soak_broker.py"), "--cycles", "3000", "--clients", "8"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.rstrip().endswith("flat")
+    assert "3000 cycles from 8 clients" in out.stdout
+    assert "broker exit 0, creator gone" in out.stdout
 
 
 def test_soak_creator_flatness_check_can_fail() -> None:
