@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import heapq
 import json
 import multiprocessing
 import os
@@ -90,6 +91,8 @@ HELD_BASE = 10000  # held sockets: 127.0.0.2, ports 10000 and up
 FRESH_BASE = 40000  # client i: 127.0.0.1 port 40000 + i
 SHARED_PORT = 39999
 SCENARIOS = ("fresh", "shared")
+TARGET_RATE = 10_000  # issue 4: grants/s ...
+TARGET_P99_MS = 2.0  # ... with p99 at most this
 _ID = struct.Struct("!I")
 _GRANT_ID = struct.Struct("!Q")  # a G frame's grant, after kind, length and id
 _RELEASE = struct.Struct("!cHIQ")
@@ -167,8 +170,11 @@ def start_broker(
 
 
 def client(
-    path: str, index: int, scenario: str, seconds: float, sched: str, barrier: Any, out: Any
-) -> None:
+    path: str, index: int, scenario: str, seconds: float, sched: str, barrier: Any, out: Any,
+    period: float = 0.0,
+) -> None:  # fmt: skip
+    """One library client: closed loop (``period`` 0), or open loop with one
+    request due every ``period`` seconds (see :func:`start_time`)."""
     set_sched(sched)
     port = SHARED_PORT if scenario == "shared" else FRESH_BASE + index
     share = "ANY" if scenario == "shared" else "NO"
@@ -179,24 +185,51 @@ def client(
         barrier.wait()
         perf = time.perf_counter
         cpu0 = os.times()
-        end = perf() + seconds
+        now = perf()
+        end = now + seconds
+        due = now + period * _phase(index)  # open loop: staggered over one period
+        done = now
         while True:
-            t0 = perf()
+            if period:
+                if due > now:
+                    time.sleep(due - now)
+                t0 = start_time(due, done, perf())
+                due += period
+            else:
+                t0 = perf()
             if t0 > end:
                 break
             s = b.request_socket("udp", "127.0.0.1", port, share=share)
             lat.append(perf() - t0)
             b.release_socket(s)
+            now = done = perf()
         cpu1 = os.times()
     out.put((index, (cpu1.user - cpu0.user, cpu1.system - cpu0.system), lat.tobytes()))
+
+
+def _phase(index: int) -> float:
+    """Where in its period client ``index`` starts: spread evenly, in an
+    order that does not put neighbours next to each other."""
+    return (index * 0.6180339887) % 1.0
+
+
+def start_time(due: float, done: float, sent: float) -> float:
+    """When an open-loop request's latency starts.
+
+    If the previous request's cycle ended after this one was due, the
+    broker made this one late: its latency counts from when it was due
+    (the correction for coordinated omission).  Otherwise the driver sent
+    it when it could (a sleep or poll wakes a little late): from then."""
+    return due if done > due else sent
 
 
 class _Lean:
     """One connection of the lean driver: one request outstanding at a time."""
 
-    __slots__ = ("buf", "grant", "head", "rid", "sock", "t0", "tail")
+    __slots__ = ("buf", "grant", "head", "index", "rid", "sock", "t0", "tail")
 
-    def __init__(self, path: str, port: int, share: ShareMode) -> None:
+    def __init__(self, path: str, index: int, port: int, share: ShareMode) -> None:
+        self.index = index
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
         self.sock.sendall(Hello().encode())
@@ -219,16 +252,18 @@ class _Lean:
 
 def lean(
     path: str, indices: list[int], scenario: str, seconds: float, sched: str, barrier: Any,
-    out: Any,
+    out: Any, period: float = 0.0,
 ) -> None:  # fmt: skip
     """The lean driver: several connections from one process, driven with
     epoll and pre-encoded frames, each answer checked (kind and id) and each
     descriptor received and closed.  The same protocol work as a client,
-    without a client library's cost, so that the broker is what is measured."""
+    without a client library's cost, so that the broker is what is measured.
+    Closed loop (``period`` 0), or open loop like :func:`client`'s."""
     set_sched(sched)
     share = ShareMode.ANY if scenario == "shared" else ShareMode.NO
-    conns = [_Lean(path, SHARED_PORT if scenario == "shared" else FRESH_BASE + i, share)
+    conns = [_Lean(path, i, SHARED_PORT if scenario == "shared" else FRESH_BASE + i, share)
              for i in indices]  # fmt: skip
+    by_index = {c.index: c for c in conns}
     ep = select.epoll()
     by_fd = {c.sock.fileno(): c for c in conns}
     for fd in by_fd:
@@ -238,7 +273,31 @@ def lean(
     anc_size = socket.CMSG_SPACE(4 * 4)
     cloexec = socket.MSG_CMSG_CLOEXEC
 
+    def answer(c: _Lean, record: bool) -> bool:
+        """Read what came on ``c``: True when a cycle (grant and release) ended."""
+        data, anc, _flags, _ = c.sock.recvmsg(258, anc_size, cloexec)
+        data = c.buf + data
+        if len(data) < 3 or len(data) < 3 + int.from_bytes(data[1:3], "big"):
+            c.buf = data  # a frame cut short: wait for the rest
+            return False
+        c.buf = b""
+        kind, rid = data[:1], _ID.unpack_from(data, 3)[0]
+        for _level, _type, blob in anc:
+            for got in array.array("i", blob[: len(blob) - len(blob) % 4]):
+                os.close(got)
+        if rid != c.rid or kind not in (b"G", b"K") or (kind == b"G") != bool(anc):
+            raise SystemExit(f"unexpected answer {data!r} to {c.rid}")
+        if kind == b"G":
+            if record:
+                lat.append(perf() - c.t0)
+            c.grant = _GRANT_ID.unpack_from(data, 7)[0]
+            c.release()
+            return False
+        return True
+
     def run(until: float, record: bool) -> None:
+        if period:
+            return run_open(until, record)
         for c in conns:
             c.t0 = perf()
             c.ask()
@@ -246,29 +305,46 @@ def lean(
         while busy:
             for fd, _ in ep.poll(1.0):
                 c = by_fd[fd]
-                data, anc, _flags, _ = c.sock.recvmsg(258, anc_size, cloexec)
-                data = c.buf + data
-                if len(data) < 3 or len(data) < 3 + int.from_bytes(data[1:3], "big"):
-                    c.buf = data  # a frame cut short: wait for the rest
-                    continue
-                c.buf = b""
-                kind, rid = data[:1], _ID.unpack_from(data, 3)[0]
-                for _level, _type, blob in anc:
-                    for got in array.array("i", blob[: len(blob) - len(blob) % 4]):
-                        os.close(got)
-                if rid != c.rid or kind not in (b"G", b"K") or (kind == b"G") != bool(anc):
-                    raise SystemExit(f"unexpected answer {data!r} to {c.rid}")
-                now = perf()
-                if kind == b"G":
-                    if record:
-                        lat.append(now - c.t0)
-                    c.grant = _GRANT_ID.unpack_from(data, 7)[0]
-                    c.release()
-                elif now < until:
-                    c.t0 = now
-                    c.ask()
-                else:
+                if answer(c, record):
+                    now = perf()
+                    if now < until:
+                        c.t0 = now
+                        c.ask()
+                    else:
+                        busy -= 1
+
+    def run_open(until: float, record: bool) -> None:
+        """Each connection: one request due every ``period``; a request due
+        while the last cycle is still on goes out when it ends."""
+        start = perf()
+        due = [(start + period * _phase(i), i) for i in indices]
+        heapq.heapify(due)
+        busy = 0
+        done = {i: start for i in indices}
+        next_due = {}
+        while due or busy:
+            now = perf()
+            while due and due[0][0] <= now:
+                when, i = heapq.heappop(due)
+                if when > until:
+                    continue  # this connection is finished
+                c = by_index[i]
+                c.t0 = start_time(when, done[i], now)
+                next_due[i] = when + period
+                c.ask()
+                busy += 1
+            if not busy:
+                if due:
+                    time.sleep(max(0.0, due[0][0] - now))  # (poll() waits whole milliseconds)
+                continue
+            wait = due[0][0] - now if due else 1.0
+            for fd, _ in ep.poll(max(0.0, wait)):
+                c = by_fd[fd]
+                if answer(c, record):
                     busy -= 1
+                    i = c.index
+                    done[i] = perf()
+                    heapq.heappush(due, (next_due[i], i))
 
     run(perf() + 0.2, False)  # warm up
     barrier.wait()
@@ -289,22 +365,26 @@ def set_sched(sched: str) -> None:
 
 def run_scenario(
     path: str, scenario: str, clients: int, seconds: float, sched: str, pids: tuple[int, int],
-    driver: str = "library", procs_lean: int = 1,
+    driver: str = "library", procs_lean: int = 1, rate: float = 0.0,
 ) -> dict[str, Any]:  # fmt: skip
+    """One measurement: closed loop (``rate`` 0) or ``rate`` grants/s offered."""
     ctx = multiprocessing.get_context("fork")
+    period = clients / rate if rate else 0.0  # each client's share of the rate
     if driver == "lean":
         groups = [list(range(clients))[k::procs_lean] for k in range(procs_lean)]
         barrier = ctx.Barrier(len(groups) + 1)
         out = ctx.Queue()
         procs = [
-            ctx.Process(target=lean, args=(path, g, scenario, seconds, sched, barrier, out))
+            ctx.Process(target=lean, args=(path, g, scenario, seconds, sched, barrier, out, period))
             for g in groups
         ]
     else:
         barrier = ctx.Barrier(clients + 1)
         out = ctx.Queue()
         procs = [
-            ctx.Process(target=client, args=(path, i, scenario, seconds, sched, barrier, out))
+            ctx.Process(
+                target=client, args=(path, i, scenario, seconds, sched, barrier, out, period)
+            )
             for i in range(clients)
         ]
     for p in procs:
@@ -332,6 +412,7 @@ def run_scenario(
     return {
         "scenario": scenario,
         "driver": driver,
+        "offered_per_s": rate,
         "clients": clients,
         "client_sched": sched,
         "grants": n,
@@ -339,6 +420,8 @@ def run_scenario(
         "grants_per_s": n / wall,
         "p50_ms": ordered[n // 2] * 1e3,
         "p99_ms": ordered[int(n * 0.99)] * 1e3,
+        "p999_ms": ordered[int(n * 0.999)] * 1e3,
+        "max_ms": ordered[-1] * 1e3,
         "mean_ms": statistics.fmean(ordered) * 1e3,
         "broker_us": broker_cpu / n * 1e6,
         "creator_us": creator_cpu / n * 1e6,
@@ -383,17 +466,26 @@ class Holder:
 # --- reporting --------------------------------------------------------------------
 
 HEADER = (
-    f"{'':47}| {'CPU us per grant+release (user+sys)':^41} |\n"
-    f"{'driver':7} {'scenario':8} {'held':>6} {'grants/s':>7} {'p50 ms':>6} {'p99 ms':>6} | "
-    f"{'broker':>13} {'creator':>7} {'clients':>17} | {'other':>5} {'steal':>5}"
+    f"{'':61}| {'CPU us per grant+release (user+sys)':^41} |\n"
+    f"{'driver':7} {'scenario':8} {'held':>5} {'offered':>7} {'grants/s':>8} {'p50 ms':>6} "
+    f"{'p99 ms':>6} {'p99.9':>6} | {'broker':>13} {'creator':>7} {'clients':>17} | "
+    f"{'other':>5} {'steal':>5}"
 )
 
 
+def offered(r: dict[str, Any]) -> str:
+    rate = r.get("offered_per_s", 0.0)
+    return f"{rate:,.0f}" if rate else "max"
+
+
 def line(r: dict[str, Any]) -> str:
+    rate = r.get("offered_per_s", 0.0)
+    behind = "!" if rate and r["grants_per_s"] < 0.97 * rate else " "  # could not keep up
     return (
-        f"{r.get('driver', 'library'):7} {r['scenario']:8} {r['held']:>6} "
-        f"{r['grants_per_s']:>7,.0f} {r['p50_ms']:>6.2f} "
-        f"{r['p99_ms']:>6.2f} | {r['broker_us']:>4.0f} ({r['broker_user_us']:>3.0f}+"
+        f"{r.get('driver', 'library'):7} {r['scenario']:8} {r['held']:>5} {offered(r):>7} "
+        f"{r['grants_per_s']:>7,.0f}{behind} {r['p50_ms']:>6.2f} "
+        f"{r['p99_ms']:>6.2f} {r.get('p999_ms', float('nan')):>6.2f} | "
+        f"{r['broker_us']:>4.0f} ({r['broker_user_us']:>3.0f}+"
         f"{r['broker_sys_us']:>3.0f}) {r['creator_us']:>7.0f} {r['clients_us']:>7.0f} "
         f"({r['clients_user_us']:>3.0f}+{r['clients_sys_us']:>3.0f}) | {r['other_cpus']:>5.2f} "
         f"{r.get('steal_cpus', 0.0):>5.2f}"
@@ -414,22 +506,39 @@ def median_results(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def summary(results: list[dict[str, Any]], held: int) -> None:
-    by = {(r.get("driver", "library"), r["scenario"], r["held"] > 1): r for r in results}
-    for driver, scenario, _ in sorted(by):
-        if (driver, scenario, False) in by and (driver, scenario, True) in by and _:
-            a, b = by[driver, scenario, False], by[driver, scenario, True]
-            print(f"{driver} {scenario}: with {held} held, "
-                  f"{b['grants_per_s'] / a['grants_per_s']:.2f}x the throughput, "
-                  f"p99 {b['p99_ms'] / a['p99_ms']:.2f}x")  # fmt: skip
+    """Held vs not, and each figure against the issue's targets."""
+    by = {
+        (r.get("driver", "library"), r["scenario"], r.get("offered_per_s", 0.0), r["held"] > 1): r
+        for r in results
+    }
+    print("('!': fewer grants/s than offered: the broker and clients could not keep up)")
+    for driver, scenario, rate, with_held in sorted(by):
+        a, b = by.get((driver, scenario, rate, False)), by.get((driver, scenario, rate, True))
+        if a is None or b is None or not with_held:
+            continue
+        load = f"at {rate:,.0f}/s offered" if rate else "closed loop"
+        print(f"{driver} {scenario} {load}: with {held} held, "
+              f"{b['grants_per_s'] / a['grants_per_s']:.2f}x the throughput, "
+              f"p99 {b['p99_ms'] / a['p99_ms']:.2f}x")  # fmt: skip
+    for r in results:
+        rate = r.get("offered_per_s", 0.0)
+        if rate < TARGET_RATE:
+            continue
+        kept = r["grants_per_s"] >= 0.97 * rate
+        verdict = "met" if kept and r["p99_ms"] <= TARGET_P99_MS else "MISSED"
+        print(f"target {rate:,.0f} grants/s with p99 <= {TARGET_P99_MS} ms: {verdict} "
+              f"({r.get('driver', 'library')} {r['scenario']}, {r['held'] - 1} held: "
+              f"{r['grants_per_s']:,.0f}/s, p99 {r['p99_ms']:.2f} ms)")  # fmt: skip
 
 
 def compare(before: list[dict[str, Any]], after: list[dict[str, Any]], label: str) -> None:
     print(f"\nbefore ({label}) -> after (this tree), medians of {after[0]['rounds']} rounds")
-    print(f"{'driver':7} {'scenario':8} {'held':>6} | {'grants/s':>17} | {'p50 ms':>13} | "
+    print(f"{'driver':7} {'scenario':8} {'held':>6} {'offered':>7} | {'grants/s':>17} | "
+          f"{'p50 ms':>13} | "
           f"{'p99 ms':>13} | {'broker us/cycle':>15} | {'clients us/cycle':>16}")  # fmt: skip
     for a, b in zip(before, after, strict=True):
         print(
-            f"{a.get('driver', 'library'):7} {a['scenario']:8} {a['held']:>6} | "
+            f"{a.get('driver', 'library'):7} {a['scenario']:8} {a['held']:>6} {offered(a):>7} | "
             f"{a['grants_per_s']:>7,.0f} -> "
             f"{b['grants_per_s']:>6,.0f} | {a['p50_ms']:>5.2f} -> {b['p50_ms']:>4.2f} | "
             f"{a['p99_ms']:>5.2f} -> {b['p99_ms']:>4.2f} | {a['broker_us']:>6.0f} -> "
@@ -456,14 +565,15 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             shared = keeper.request_socket("udp", "127.0.0.1", SHARED_PORT, share="ANY")
             for held in (0, args.held):
                 holder = Holder(path, held) if held else None
-                for driver in args.drivers:
-                    for scenario in SCENARIOS:
-                        r = run_scenario(path, scenario, args.clients, args.seconds, sched, pids,
-                                         driver, args.lean_procs)  # fmt: skip
-                        r["held"] = held + 1
-                        results.append(r)
-                        if not args.quiet:
-                            print(line(r), flush=True)
+                for rate in args.loads:
+                    for driver in args.drivers:
+                        for scenario in SCENARIOS:
+                            r = run_scenario(path, scenario, args.clients, args.seconds, sched,
+                                             pids, driver, args.lean_procs, rate)  # fmt: skip
+                            r["held"] = held + 1
+                            results.append(r)
+                            if not args.quiet:
+                                print(line(r), flush=True)
                 if holder is not None:
                     holder.close()
             keeper.release_socket(shared)
@@ -501,7 +611,8 @@ def run_side(tree: Path, args: argparse.Namespace, out: Path) -> list[dict[str, 
             "--clients", str(args.clients), "--seconds", str(args.seconds),
             "--held", str(args.held), "--client-nice", str(args.client_nice),
             "--broker-nice", str(args.broker_nice), "--drivers", ",".join(args.drivers),
-            "--lean-procs", str(args.lean_procs)]  # fmt: skip
+            "--lean-procs", str(args.lean_procs),
+            "--loads", ",".join(str(x) if x else "max" for x in args.loads)]  # fmt: skip
     if args.client_batch:
         argv.append("--client-batch")
     env = dict(os.environ, PYTHONPATH=str(tree))
@@ -516,6 +627,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--held", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument(
+        "--loads", default=f"max,{TARGET_RATE}",
+        type=lambda v: [0.0 if x == "max" else float(x) for x in v.split(",")],
+        help="max: closed loop (each client asks again as soon as it has released); "
+        "N: N grants/s offered in all, each client one request every clients/N s "
+        f"(open loop).  Default: max,{TARGET_RATE}",
+    )  # fmt: skip
     ap.add_argument(
         "--drivers", default="library,lean", type=lambda v: v.split(","),
         help="library: one process per client, using sockcreator.Broker (what a program "

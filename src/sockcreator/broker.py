@@ -3,7 +3,7 @@
 ::
 
     sockcreator serve --socket PATH [--policy FILE] [--user U] [--mode 0666]
-                      [--group G] [--admin-group G] [limits...]
+                      [--group G] [--admin-group G] [--loop auto] [limits...]
 
 Started as root, in this order:
 
@@ -63,8 +63,8 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn
 
 from ._broker_audit import describe
 from ._broker_creator import CreatorChannel
@@ -151,7 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-sockets", type=int, help="cached sockets in all (default: from RLIMIT_NOFILE)"
     )
     p.add_argument("--client-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop: uvloop (the 'fast' extra) serves about a quarter more grants "
+        "per CPU second; auto (default): uvloop if installed, else asyncio's own",
+    )
     return p
+
+
+def _loop_runner(name: str) -> tuple[str, Callable[[Coroutine[Any, Any, int]], int]]:
+    """The event loop to serve on: its name and how to run a coroutine on it.
+    An explicit ``uvloop`` that is not installed is an ImportError."""
+    if name != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if name == "uvloop":
+                raise
+        else:
+            return "uvloop", uvloop.run
+    return "asyncio", asyncio.run
 
 
 def _fail(status: int, message: str) -> int:
@@ -170,7 +191,9 @@ def _raise_nofile() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-async def _run(args: argparse.Namespace, config: BrokerConfig, allow: list[str] | None) -> int:
+async def _run(
+    args: argparse.Namespace, config: BrokerConfig, allow: list[str] | None, loop_name: str
+) -> int:
     root = os.geteuid() == 0
     try:
         creator = CreatorChannel(creator_argv(allow=allow, user=args.user if root else None))
@@ -207,6 +230,7 @@ async def _run(args: argparse.Namespace, config: BrokerConfig, allow: list[str] 
                 socket=os.path.abspath(args.socket),
                 uid=os.getuid(),
                 allow=allow,
+                loop=loop_name,
             )
             status = await server.serve()
             server.audit.log("stop", status=status)
@@ -266,7 +290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as e:
         return _fail(EXIT_CONFIG, str(e))
-    return asyncio.run(_run(args, config, policy.creator_allow()))
+    try:
+        loop_name, run = _loop_runner(args.loop)
+    except ImportError as e:
+        return _fail(EXIT_CONFIG, f"--loop uvloop: {e} (install the 'fast' extra)")
+    return run(_run(args, config, policy.creator_allow(), loop_name))
 
 
 def status_main(argv: Sequence[str] | None = None) -> int:

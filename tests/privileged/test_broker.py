@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import importlib.util
 import json
 import multiprocessing.connection
 import os
@@ -81,7 +82,9 @@ def users() -> None:
 
 
 class BrokerProc:
-    def __init__(self, directory: Path, policy: str, extra: list[str], user: str) -> None:
+    def __init__(
+        self, directory: Path, policy: str, extra: list[str], user: str, loop: str = "auto"
+    ) -> None:
         self.dir = directory
         self.path = str(directory / "broker.sock")
         (directory / "policy.toml").write_text(policy)
@@ -97,6 +100,8 @@ class BrokerProc:
             str(directory / "policy.toml"),
             "--user",
             user,
+            "--loop",
+            loop,
             *extra,
         ]
         with open(self.log, "wb") as log:
@@ -110,7 +115,9 @@ class BrokerProc:
                 self.proc.wait()
                 raise AssertionError(f"broker did not start: {self.log.read_text()}")
             time.sleep(0.02)
-        self.creator_pid = self.audit("start")[0]["creator_pid"]
+        start = self.audit("start")[0]
+        self.creator_pid = start["creator_pid"]
+        assert loop in ("auto", start["loop"]), start
         self.expected_status = 0
 
     @property
@@ -145,12 +152,18 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def start_broker(workdir: Path) -> Iterator[Callable[..., BrokerProc]]:
+@pytest.fixture(params=["asyncio", "uvloop"])
+def start_broker(
+    workdir: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., BrokerProc]]:
+    """Brokers on each event loop: asyncio's own, and uvloop (the 'fast' extra)."""
+    loop = request.param
+    if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        pytest.skip("uvloop is not installed (the 'fast' and 'test' extras have it)")
     started: list[BrokerProc] = []
 
     def start(policy: str = POLICY, *extra: str, user: str = BROKER_USER) -> BrokerProc:
-        b = BrokerProc(workdir, policy, list(extra), user)
+        b = BrokerProc(workdir, policy, list(extra), user, loop)
         started.append(b)
         return b
 
