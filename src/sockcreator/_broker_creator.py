@@ -63,7 +63,8 @@ class CreatorChannel:
         self._out = bytearray()  # what the creator has not taken yet
         self._push_due = False  # a write is scheduled for the end of this turn
         self._writing = False  # waiting for the socket to take more
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the silence watchdog
+        self._since = 0.0  # loop time of the last answer, or of the first request after none
         self._dead: str | None = None
         self._eof: asyncio.Future[None] | None = None
         self.on_fatal: Callable[[CreatorFatalError], None] | None = None
@@ -85,19 +86,37 @@ class CreatorChannel:
 
     def request(self, request: Request, callback: Callable[[Outcome], None]) -> None:
         """Ask for one socket; ``callback`` gets the :data:`Outcome` later
-        (never before this returns).  It must not raise."""
+        (never before this returns).  It must not raise.
+
+        A request to an idle creator is sent at once: there is nothing to
+        batch it with, and the creator starts on it sooner.  While answers
+        are due, requests wait for :meth:`push` and go in one write."""
         if self._dead is not None or self._sock is None:
             err = CreatorFatalError(f"creator unusable: {self._dead or 'not started'}")
             self._loop.call_soon(callback, err)
             return
+        idle = not self._waiters
+        if idle:
+            self._since = self._loop.time()  # the silence deadline counts from now
         self._parser.expect(request)
         self._waiters.append(callback)
-        self._out += request.encode()
-        if self.auto_push and not self._push_due and not self._writing:
+        data = request.encode()
+        if idle and not self._out and not self._writing:
+            try:
+                data = data[self._sock.send(data) :]
+            except OSError:  # (a broken channel is found, and fatal, in push())
+                pass
+        self._out += data
+        if self._out and self.auto_push and not self._push_due and not self._writing:
             self._push_due = True
             self._loop.call_soon(self.push)
         if self._timer is None:
-            self._timer = self._loop.call_later(self._timeout, self._silent)
+            self._timer = self._loop.call_at(self._since + self._timeout, self._watch)
+
+    @property
+    def unsent(self) -> bool:
+        """Requests are waiting for :meth:`push`."""
+        return bool(self._out) and not self._writing
 
     async def get(self, request: Request) -> socket.socket:
         """One socket; SocketCreationError or CreatorFatalError."""
@@ -210,17 +229,22 @@ class CreatorChannel:
             else:
                 outcome = socket_creation_error(ev.errno, ev.stage, ev.request)
             callback(outcome)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._waiters:  # progress: a fresh deadline for the rest
-            self._timer = self._loop.call_later(self._timeout, self._silent)
+        self._since = self._loop.time()  # progress: the deadline moves (see _watch)
 
     # Ending ------------------------------------------------------------------
 
-    def _silent(self) -> None:
+    def _watch(self) -> None:
+        """The watchdog: fatal once answers are due and none came for
+        ``timeout`` seconds.  One timer, moved only when it fires (not
+        armed and cancelled for every request)."""
         self._timer = None
-        self._fatal(f"no answer from the creator within {self._timeout}s")
+        if not self._waiters or self._dead is not None:
+            return
+        deadline = self._since + self._timeout
+        if self._loop.time() >= deadline:
+            self._fatal(f"no answer from the creator within {self._timeout}s")
+        else:
+            self._timer = self._loop.call_at(deadline, self._watch)
 
     def _close(self) -> None:
         if self._timer is not None:

@@ -256,7 +256,8 @@ class BrokerServer:
     def create(self, entry: Entry, w: _Wanted) -> None:
         entry.extra = w
         self.creator.request(entry.request, lambda outcome: self._created(entry, w, outcome))
-        self._want_flush()  # which pushes the request to the creator
+        if self.creator.unsent:
+            self._want_flush()  # which pushes the request to the creator
 
     def _created(self, entry: Entry, w: _Wanted, outcome: Outcome) -> None:
         if not isinstance(outcome, socket.socket):
