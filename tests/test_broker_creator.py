@@ -153,7 +153,9 @@ def test_silent_creator_is_fatal_after_the_timeout_and_not_before(loop: str) -> 
         waited = time.monotonic() - t0
         (err,) = c.outcomes
         assert isinstance(err, CreatorFatalError) and "within 0.4s" in str(err)
-        assert 0.4 <= waited < 5, waited
+        # (an event loop's clock is read once per turn, and uvloop's in whole
+        # milliseconds: the deadline may come a turn's length early)
+        assert 0.35 <= waited < 5, waited
         assert len(fatal) == 1
         assert ch.pid is not None
         await ch.terminate()  # reaps the killed creator

@@ -53,7 +53,6 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag '&' costs a microse
 # A socket object's family and type as the kernel gave them (SO_DOMAIN and
 # SO_TYPE, read when the object is made), as plain ints: socket.socket's own
 # properties turn them into enums at a microsecond each.
-_SO_DOMAIN: int | None = getattr(socket, "SO_DOMAIN", None)  # Linux, FreeBSD
 _PROTO = {socket.SOCK_STREAM: socket.IPPROTO_TCP, socket.SOCK_DGRAM: socket.IPPROTO_UDP}
 _kernel_family = socket.SocketType.family.__get__
 _kernel_type = socket.SocketType.type.__get__
@@ -238,23 +237,14 @@ def adopt(fd: int, request: Request) -> socket.socket:
 
     The creator is trusted to bind, not to be right: a socket of another
     family, type or address is a protocol violation (and is closed)."""
-    try:
-        if _SO_DOMAIN is None:  # the kernel is asked for family, type and protocol
-            sock = socket.socket(fileno=fd)
-        else:  # nothing asked yet: SO_DOMAIN and SO_TYPE below (one call fewer)
-            sock = socket.socket(request.family, request.type, _PROTO[request.type], fileno=fd)
+    try:  # family (getsockname) and type (SO_TYPE) from the kernel; the protocol
+        # is not asked (one call fewer): a wrong type is refused below anyway
+        sock = socket.socket(-1, -1, _PROTO[request.type], fileno=fd)
     except OSError as e:
         os.close(fd)
         raise ProtocolViolation(f"received descriptor is not a socket: {e}") from None
     try:
-        if _SO_DOMAIN is None:
-            family, kind = _kernel_family(sock), _kernel_type(sock)
-        else:
-            try:
-                family = sock.getsockopt(socket.SOL_SOCKET, _SO_DOMAIN)
-                kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-            except OSError as e:  # ENOTSOCK
-                raise ProtocolViolation(f"received descriptor is not a socket: {e}") from None
+        family, kind = _kernel_family(sock), _kernel_type(sock)
         if family != request.family or kind != request.type:
             raise ProtocolViolation(f"asked for {request}, received {_describe(family, kind)}")
         host, port = sock.getsockname()[:2]

@@ -75,8 +75,9 @@ _ANCBUF = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _READ = 3 + MAX_BODY  # the longest frame: one read takes any answer whole
-_SOL_SOCKET, _SO_TYPE = socket.SOL_SOCKET, socket.SO_TYPE
-_SO_DOMAIN = getattr(socket, "SO_DOMAIN", 39)
+_PROTO = {socket.SOCK_STREAM: socket.IPPROTO_TCP, socket.SOCK_DGRAM: socket.IPPROTO_UDP}
+_kernel_family = socket.SocketType.family.__get__
+_kernel_type = socket.SocketType.type.__get__
 _ID = struct.Struct("!I")
 _RELEASE = struct.Struct("!cHIQ")  # a whole 'R' frame
 _TEMPLATES = 256  # requests remembered, encoded (then forgotten all at once)
@@ -285,20 +286,19 @@ def _close(fds: Sequence[int]) -> None:
 def _adopt(g: Granted, request: Request | None) -> socket.socket:
     """The granted socket, checked against what the broker said it is and
     what was asked for: the broker is trusted to decide, not to be right.
-    Family and type come from the kernel (SO_DOMAIN, SO_TYPE), the address
-    from getsockname()."""
-    try:
-        sock = socket.socket(g.family, g.type, 0, fileno=g.fd)  # asks the kernel nothing
-    except OSError as e:
+    Family and type come from the kernel (the socket object asks it:
+    getsockname and SO_TYPE), the address from getsockname()."""
+    try:  # (the protocol is not asked: a wrong type is refused below anyway)
+        sock = socket.socket(-1, -1, _PROTO.get(g.type, 0), fileno=g.fd)
+    except OSError as e:  # EBADF, ENOTSOCK: not a socket at all
         os.close(g.fd)
-        raise BrokerProtocolError(f"granted descriptor is not usable: {e}") from None
+        raise BrokerProtocolError(f"granted descriptor is not a socket: {e}") from None
     try:
+        family, kind = _kernel_family(sock), _kernel_type(sock)
         try:
-            family = sock.getsockopt(_SOL_SOCKET, _SO_DOMAIN)
-            kind = sock.getsockopt(_SOL_SOCKET, _SO_TYPE)
             name = sock.getsockname()
-        except OSError as e:  # ENOTSOCK: not a socket at all
-            raise BrokerProtocolError(f"granted descriptor is not a socket: {e}") from None
+        except OSError as e:
+            raise BrokerProtocolError(f"granted descriptor is not usable: {e}") from None
         host, port = name[:2] if isinstance(name, tuple) and len(name) >= 2 else ("", -1)
         try:
             packed = socket.inet_pton(family, host)
