@@ -85,6 +85,16 @@ class Collector:
                 o.close()
 
 
+async def ask(ch: CreatorChannel, n: int) -> Collector:
+    """``n`` requests for UDP sockets on free ports of 127.0.0.1; their outcomes."""
+    c = Collector()
+    for _ in range(n):
+        ch.request(make_request("udp", "127.0.0.1", udp_port()), c.callback())
+    c.returned = True
+    await c.done.wait()
+    return c
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_real_creator_answers_in_order_never_before_request_returns(loop: str) -> None:
     async def main() -> None:
@@ -145,11 +155,8 @@ def test_silent_creator_is_fatal_after_the_timeout_and_not_before(loop: str) -> 
         fatal: list[CreatorFatalError] = []
         ch.on_fatal = fatal.append
         ch.start()
-        c = Collector()
         t0 = time.monotonic()
-        ch.request(make_request("udp", "127.0.0.1", udp_port()), c.callback())
-        c.returned = True
-        await c.done.wait()
+        c = await ask(ch, 1)
         waited = time.monotonic() - t0
         (err,) = c.outcomes
         assert isinstance(err, CreatorFatalError) and "within 0.4s" in str(err)
@@ -170,12 +177,8 @@ def test_slow_but_steady_creator_outlives_the_timeout(loop: str) -> None:
     async def main() -> None:
         ch = CreatorChannel(fake_creator_command(SERVE.format(delay=0.25)), timeout=0.4)
         ch.start()
-        c = Collector()
-        for _ in range(6):
-            ch.request(make_request("udp", "127.0.0.1", udp_port()), c.callback())
-        c.returned = True
         t0 = time.monotonic()
-        await c.done.wait()
+        c = await ask(ch, 6)
         try:
             assert time.monotonic() - t0 > 0.4 * 2
             assert all(isinstance(o, socket.socket) for o in c.outcomes), c.outcomes
@@ -183,10 +186,7 @@ def test_slow_but_steady_creator_outlives_the_timeout(loop: str) -> None:
             c.close()
         # Idle for longer than the timeout: no answers due, nothing is fatal.
         await asyncio.sleep(0.6)
-        c2 = Collector()
-        ch.request(make_request("udp", "127.0.0.1", udp_port()), c2.callback())
-        c2.returned = True
-        await c2.done.wait()
+        c2 = await ask(ch, 1)
         c2.close()
         assert isinstance(c2.outcomes[0], socket.socket), c2.outcomes
         assert await ch.terminate() == 0
@@ -201,21 +201,14 @@ def test_dead_creator_fails_every_waiter_once(loop: str) -> None:
         fatal: list[CreatorFatalError] = []
         ch.on_fatal = fatal.append
         ch.start()
-        c = Collector()
-        for _ in range(4):
-            ch.request(make_request("udp", "127.0.0.1", udp_port()), c.callback())
-        c.returned = True
-        await c.done.wait()
+        c = await ask(ch, 4)
         try:
             assert isinstance(c.outcomes[0], socket.socket)
             assert all(isinstance(o, CreatorFatalError) for o in c.outcomes[1:]), c.outcomes
             assert len(fatal) == 1
         finally:
             c.close()
-        later = Collector()
-        ch.request(make_request("udp", "127.0.0.1", udp_port()), later.callback())
-        later.returned = True
-        await later.done.wait()
+        later = await ask(ch, 1)
         assert isinstance(later.outcomes[0], CreatorFatalError) and not later.early
         assert await ch.terminate() == 3
 
