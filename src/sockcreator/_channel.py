@@ -50,10 +50,11 @@ _INT_SIZE = array.array("i").itemsize
 #: whose SIGPIPE disposition is the default.
 SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag '&' costs a microsecond
-# A socket object's family and type as the kernel gave them (SO_DOMAIN and
-# SO_TYPE, read when the object is made), as plain ints: socket.socket's own
-# properties turn them into enums at a microsecond each.
+# The protocol a received socket of each type is taken to have (not asked).
 _PROTO = {socket.SOCK_STREAM: socket.IPPROTO_TCP, socket.SOCK_DGRAM: socket.IPPROTO_UDP}
+# A socket object's family and type as the kernel gave them (getsockname()
+# and SO_TYPE, read when the object is made), as plain ints: socket.socket's
+# own properties turn them into enums at a microsecond each.
 _kernel_family = socket.SocketType.family.__get__
 _kernel_type = socket.SocketType.type.__get__
 
