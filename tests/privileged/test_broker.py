@@ -675,6 +675,41 @@ def test_unsafe_socket_paths_are_refused(workdir: Path, case: str) -> None:
         assert path.read_text() == "precious"
 
 
+def test_event_loop_choice(workdir: Path) -> None:
+    """``--loop uvloop`` where uvloop cannot be imported is a configuration
+    error (exit 3) before anything starts; ``auto`` then serves on asyncio."""
+    (workdir / "policy.toml").write_text(POLICY)
+    path = workdir / "broker.sock"
+    argv = ["serve", "--socket", str(path), "--policy", str(workdir / "policy.toml"),
+            "--user", BROKER_USER]  # fmt: skip
+    no_uvloop = (
+        "import sys; sys.modules['uvloop'] = None  # import uvloop: ImportError\n"
+        "from sockcreator.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", no_uvloop, *argv, "--loop", "uvloop"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 3, out.stderr
+    assert "'fast' extra" in out.stderr and not path.exists()
+    log = workdir / "auto.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            netns_argv([sys.executable, "-c", no_uvloop, *argv, "--loop", "auto"]),
+            stdout=f, stderr=f,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while '"event":"start"' not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        start = json.loads(next(x for x in log.read_text().splitlines() if '"start"' in x))
+        assert start["loop"] == "asyncio"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+
+
 def test_descriptor_counts_flat_over_10000_cycles(start_broker: Callable[..., BrokerProc]) -> None:
     b = start_broker()
     gc.collect()
