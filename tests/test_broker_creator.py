@@ -213,3 +213,37 @@ def test_dead_creator_fails_every_waiter_once(loop: str) -> None:
         assert await ch.terminate() == 3
 
     run_on(loop, main)
+
+
+# A creator that answers one request with a real socket but sends the
+# descriptor with the wrong byte: with the 'S' ("on S"), or with 'S' and its
+# data byte in one message ("on both": BIND 10's clients lose it, as they read
+# the 'S' with no room for descriptors).  Both are violations.
+MISPLACED = """
+head, addr = read(5), read(4)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", int.from_bytes(head[3:5], "big")))
+if {how!r} == "on S":
+    send_fds(b"S", [s.fileno()])
+    send(b"\\0")
+else:
+    send_fds(b"S\\0", [s.fileno()])
+read(1)
+"""
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("how", ["on S", "on both"])
+def test_descriptor_must_come_with_the_answers_data_byte(loop: str, how: str) -> None:
+    async def main() -> None:
+        ch = CreatorChannel(fake_creator_command(MISPLACED.format(how=how)), timeout=5)
+        fatal: list[CreatorFatalError] = []
+        ch.on_fatal = fatal.append
+        ch.start()
+        c = await ask(ch, 1)
+        (outcome,) = c.outcomes
+        assert isinstance(outcome, CreatorFatalError), outcome
+        assert "descriptor" in str(outcome) and fatal == [outcome]
+        await ch.terminate()  # reaps the killed creator
+
+    run_on(loop, main)
