@@ -41,7 +41,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from soak_creator import fd_count, rss_kib  # the same /proc sampling (soak/ is on sys.path)
+from soak_creator import (  # the same sampling and verdict (soak/ is on sys.path)
+    fd_count,
+    report,
+    rss_kib,
+)
 
 from sockcreator.broker_client import AsyncBroker, SocketRefusedError
 
@@ -277,13 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"broker exited {status} on SIGTERM, not 0")
     if not creator_gone:
         problems.append("the creator outlived the broker")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"samples": [asdict(s) for s in samples], "problems": problems}, f, indent=1)
-    for p in problems:
-        print("NOT FLAT:", p)
-    print("flat" if not problems else "NOT flat")
-    return 1 if problems else 0
+    return report(samples, problems, args.json)
 
 
 if __name__ == "__main__":

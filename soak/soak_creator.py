@@ -30,7 +30,9 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from sockcreator import SocketCreationError, SocketCreator
 
@@ -149,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     last = samples[-1]
     rate = last.sockets / last.seconds if last.seconds else float("inf")
     print(f"{last.sockets} sockets, {last.errors} 'E' answers, {last.seconds:.1f} s, {rate:.0f}/s")
-    problems = check_flat(samples, slack)
-    if args.json:
-        with open(args.json, "w") as f:
+    return report(samples, check_flat(samples, slack), args.json)
+
+
+def report(samples: Sequence[Any], problems: list[str], json_path: str | None) -> int:
+    """Print the verdict (and write every sample to ``json_path``); the exit status."""
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump({"samples": [asdict(s) for s in samples], "problems": problems}, f, indent=1)
     for p in problems:
         print("NOT FLAT:", p)

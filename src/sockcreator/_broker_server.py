@@ -466,6 +466,14 @@ class _Connection:
             self.in_timer.cancel()
             self.in_timer = None
 
+    def _stop_writing(self) -> None:
+        if self.writing:
+            self.writing = False
+            self.server.loop.remove_writer(self.fd)
+        if self.out_timer is not None:
+            self.out_timer.cancel()
+            self.out_timer = None
+
     def _pump(self) -> None:
         """Handle queued frames until one has to wait; close after EOF once
         everything is answered and sent."""
@@ -540,12 +548,7 @@ class _Connection:
                     loop.add_writer(self.fd, self._writable)
                     self.out_timer = loop.call_later(server.config.client_timeout, self._unread)
                 return
-        if self.writing:
-            self.writing = False
-            server.loop.remove_writer(self.fd)
-            if self.out_timer is not None:
-                self.out_timer.cancel()
-                self.out_timer = None
+        self._stop_writing()
         if resume:
             if self.status is not None:
                 self._pump_status()
@@ -596,12 +599,7 @@ class _Connection:
         self.closed = True
         server = self.server
         self._stop_reading()
-        if self.writing:
-            self.writing = False
-            server.loop.remove_writer(self.fd)
-        if self.out_timer is not None:
-            self.out_timer.cancel()
-            self.out_timer = None
+        self._stop_writing()
         for g, sock in server.table.release_all(self):
             server.audit.event(
                 "release",

@@ -23,7 +23,6 @@ import array
 import asyncio
 import collections
 import ipaddress
-import math
 import os
 import socket
 import struct
@@ -54,8 +53,16 @@ from ._broker_protocol import (
     StatusQuery,
     check_name,
 )
+from ._channel import RECV_FLAGS, close_fds, set_kernel_timeouts, unpack_fds
 from ._errors import CreatorError, CreatorFatalError, errno_error
-from ._protocol import AddressSpec, ProtocolSpec, Request, SocketOptions, make_request
+from ._protocol import (
+    AddressSpec,
+    ProtocolSpec,
+    ProtocolViolation,
+    Request,
+    SocketOptions,
+    make_request,
+)
 from .policy import parse_listen
 
 __all__ = [
@@ -72,7 +79,6 @@ __all__ = [
 ENV_BROKER_FD = "SOCKCREATOR_BROKER_FD"
 
 _ANCBUF = socket.CMSG_SPACE(4 * array.array("i").itemsize)
-_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _READ = 3 + MAX_BODY  # the longest frame: one read takes any answer whole
 _PROTO = {socket.SOCK_STREAM: socket.IPPROTO_TCP, socket.SOCK_DGRAM: socket.IPPROTO_UDP}
@@ -249,38 +255,12 @@ def _template(
     return t
 
 
-def _set_timeouts(sock: socket.socket, timeout: float) -> None:
-    """Blocking, with the kernel keeping the timeout (SO_RCVTIMEO/SO_SNDTIMEO:
-    no poll() before every call); an expired one raises BlockingIOError."""
-    usec = max(1, math.ceil(min(timeout, 2.0**31) * 1e6))
-    tv = struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)
-    sock.settimeout(None)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-
-
 def _fds(anc: list[tuple[int, int, bytes]], flags: int) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            ints = array.array("i")
-            ints.frombytes(data[: len(data) - len(data) % ints.itemsize])
-            fds.extend(ints)
-    if not _CLOEXEC:
-        for fd in fds:
-            os.set_inheritable(fd, False)
-    if flags & _CTRUNC:
-        _close(fds)
-        raise BrokerProtocolError("too many descriptors in one message (MSG_CTRUNC)")
-    return fds
-
-
-def _close(fds: Sequence[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    """:func:`~sockcreator._channel.unpack_fds`, a violation being the broker's."""
+    try:
+        return unpack_fds(anc, flags)
+    except ProtocolViolation as e:
+        raise BrokerProtocolError(str(e)) from None
 
 
 def _adopt(g: Granted, request: Request | None) -> socket.socket:
@@ -354,7 +334,7 @@ class Broker:
             raise ValueError("timeout must be positive")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            _set_timeouts(sock, timeout)
+            set_kernel_timeouts(sock, timeout)
             sock.connect(os.fspath(path))
         except BaseException:
             sock.close()
@@ -388,7 +368,7 @@ class Broker:
             raise ValueError("a broker connection is a Unix stream socket")
         if not timeout > 0:
             raise ValueError("timeout must be positive")
-        _set_timeouts(sock, timeout)
+        set_kernel_timeouts(sock, timeout)
         self = cls.__new__(cls)
         self._setup(sock, timeout)
         return self
@@ -504,7 +484,7 @@ class Broker:
             return self._take(self._later.popleft())
         while True:
             try:
-                data, anc, flags, _ = self._sock.recvmsg(_READ, _ANCBUF, _CLOEXEC)
+                data, anc, flags, _ = self._sock.recvmsg(_READ, _ANCBUF, RECV_FLAGS)
             except BlockingIOError:  # SO_RCVTIMEO expired
                 self._fatal(f"no answer from the broker within {self._timeout}s")
             except ConnectionResetError:
@@ -518,12 +498,12 @@ class Broker:
                 except BrokerProtocolError as e:
                     self._fatal(str(e))
             if not data:
-                _close(fds)
+                close_fds(fds)
                 self._fatal("the broker closed the connection")
             try:
                 messages = self._decoder.feed_any(data, fds)
             except BrokerProtocolError as e:
-                _close(e.fds)
+                close_fds(e.fds)
                 self._fatal(str(e))
             if messages:
                 self._later.extend(messages[1:])
@@ -546,7 +526,7 @@ class Broker:
 
     def _drop_later(self) -> None:
         """Close the descriptors of answers read but never taken."""
-        _close([m.fd for m in self._later if isinstance(m, Granted)])
+        close_fds([m.fd for m in self._later if isinstance(m, Granted)])
         self._later.clear()
 
     def fileno(self) -> int:
@@ -793,7 +773,9 @@ class AsyncBroker:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                data, anc, flags, _ = sock.recvmsg(self._decoder.bytes_wanted(), _ANCBUF, _CLOEXEC)
+                data, anc, flags, _ = sock.recvmsg(
+                    self._decoder.bytes_wanted(), _ANCBUF, RECV_FLAGS
+                )
                 return data, _fds(anc, flags)
             except (BlockingIOError, InterruptedError):
                 pass
@@ -816,12 +798,12 @@ class AsyncBroker:
             while self._waiters:
                 data, fds = await self._recv(sock)
                 if not data:
-                    _close(fds)
+                    close_fds(fds)
                     raise BrokerProtocolError("the broker closed the connection")
                 try:
                     messages = self._decoder.feed(data, fds)
                 except BrokerProtocolError as e:
-                    _close(e.fds)
+                    close_fds(e.fds)
                     raise
                 for msg in messages:
                     self._dispatch(msg)

@@ -35,7 +35,7 @@ import ipaddress
 import pwd
 import socket
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -164,26 +164,24 @@ def _list(table: Mapping[str, Any], key: str, index: int) -> list[Any] | None:
     return value
 
 
-def _uid(value: Any, where: str) -> int:
+def _id(value: Any, where: str, kind: str, lookup: Callable[[str], int]) -> int:
+    """A uid or gid: a number, or a name ``lookup`` resolves (KeyError: unknown)."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32:
         return value
     if isinstance(value, str) and value:
         try:
-            return pwd.getpwnam(value).pw_uid
+            return lookup(value)
         except KeyError:
-            raise PolicyError(f"{where}: unknown user {value!r}") from None
-    raise PolicyError(f"{where}: {value!r} is not a user name or uid")
+            raise PolicyError(f"{where}: unknown {kind} {value!r}") from None
+    raise PolicyError(f"{where}: {value!r} is not a {kind} name or {kind[0]}id")
 
 
-def _gid(value: Any, where: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32:
-        return value
-    if isinstance(value, str) and value:
-        try:
-            return grp.getgrnam(value).gr_gid
-        except KeyError:
-            raise PolicyError(f"{where}: unknown group {value!r}") from None
-    raise PolicyError(f"{where}: {value!r} is not a group name or gid")
+def _uid(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
+
+
+def _gid(name: str) -> int:
+    return grp.getgrnam(name).gr_gid
 
 
 def _port_range(value: Any, where: str) -> tuple[int, int]:
@@ -225,8 +223,8 @@ def _rule(table: Any, index: int) -> Rule:
     if not users and not groups:
         raise PolicyError(f"[[allow]] #{index + 1}: needs users or groups")
     everyone = "*" in users
-    uids = frozenset(_uid(u, _where(index, "users")) for u in users if u != "*")
-    gids = frozenset(_gid(g, _where(index, "groups")) for g in groups)
+    uids = frozenset(_id(u, _where(index, "users"), "user", _uid) for u in users if u != "*")
+    gids = frozenset(_id(g, _where(index, "groups"), "group", _gid) for g in groups)
     protos = _list(table, "protocols", index) or ["tcp", "udp"]
     if any(p not in _TYPES for p in protos):
         raise PolicyError(f"{_where(index, 'protocols')}: each must be 'tcp' or 'udp'")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import socket
 import struct
@@ -25,6 +24,7 @@ from ._channel import (
     descriptor_lost_error,
     normalize,
     reap,
+    set_kernel_timeouts,
     spawn,
     unpack_fds,
 )
@@ -45,20 +45,6 @@ __all__ = ["ENV_FD", "SocketCreator"]
 
 #: Environment variable naming an inherited creator connection (see ``run``).
 ENV_FD = "SOCKCREATOR_FD"
-
-
-def _set_timeouts(sock: socket.socket, timeout: float) -> None:
-    """Make ``sock`` blocking, with the timeout kept by the kernel.
-
-    ``sock.settimeout()`` would poll() before every call, which costs as much
-    again as the request itself; SO_RCVTIMEO/SO_SNDTIMEO bound each call the
-    same way at no cost.  An expired timeout raises BlockingIOError (EAGAIN).
-    """
-    usec = max(1, math.ceil(min(timeout, 2.0**31) * 1e6))  # 0 would mean "never"
-    tv = struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)  # struct timeval
-    sock.settimeout(None)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 @functools.lru_cache(maxsize=256, typed=True)  # typed: True is not 1, 0.0 is not 0
@@ -105,7 +91,7 @@ class SocketCreator:
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
-        _set_timeouts(sock, timeout)
+        set_kernel_timeouts(sock, timeout)
         self._sock = sock
         self._proc = proc
         self._timeout = timeout
