@@ -184,6 +184,20 @@ def start_broker(
     return proc, int(start["creator_pid"])
 
 
+def server_pids(path: str) -> tuple[int, int]:
+    """A broker already running at ``path`` (``--socket``): its pid, as the
+    kernel saw it at connect(), and its creator's (its one child), so that
+    their CPU is counted as when we start the broker ourselves (0: unknown)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        pid = struct.unpack("=iII", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return pid, int(children[0]) if len(children) == 1 else 0
+
+
 # --- the clients ------------------------------------------------------------------
 
 
@@ -629,7 +643,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     directory.chmod(0o755)
     broker: subprocess.Popen[bytes] | None = None
     if args.socket:
-        path, pids = args.socket, (0, 0)
+        path, pids = args.socket, server_pids(args.socket)
     else:
         broker, creator_pid = start_broker(
             directory, max(4096, args.held + 16), args.broker_nice, args.broker_loop
@@ -741,8 +755,10 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="REV|DIR", help="compare with this version")
     ap.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(
-        "--socket", metavar="PATH", help="use a broker already running there (e.g. profiled)"
-    )
+        "--socket", metavar="PATH",
+        help="use a broker already running there (e.g. profiled, or floor_broker.py); its CPU "
+        "and its creator's are still counted (the pid from SO_PEERCRED, the creator its child)",
+    )  # fmt: skip
     args = ap.parse_args()
     info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
                             "machine": platform.machine(), "args": vars(args)}  # fmt: skip

@@ -1,6 +1,6 @@
 """The floor under ``bench_broker.py``: the least a broker in Python can do.
 
-    python benchmarks/floor_broker.py --socket PATH [--loop uvloop|asyncio]
+    python benchmarks/floor_broker.py --socket PATH [--loop uvloop|asyncio] [--work-us N]
     python benchmarks/bench_broker.py --socket PATH --held 0 --drivers lean
 
 Speaks just enough of the broker's wire protocol for ``bench_broker.py``'s
@@ -15,6 +15,10 @@ own code; what this floor costs is Python, the event loop and the kernel.
 
 Shared sockets (share ANY) are cached by port and counted, so the
 ``shared`` scenario needs no creator either.
+
+``--work-us N`` spends N microseconds of CPU (a busy loop) on each grant
+before its ``G`` frame goes out: a stand-in for what a real broker does per
+grant, to see how the latency at a given rate depends on that cost alone.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -42,8 +47,11 @@ _LOCAL = ipaddress.IPv4Address("127.0.0.1")
 
 
 class Floor:
-    def __init__(self, loop: asyncio.AbstractEventLoop, creator: socket.socket) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, creator: socket.socket, work: float = 0.0
+    ) -> None:
         self.loop = loop
+        self.work = work  # seconds of CPU to burn per grant
         self.creator = creator
         self.waiting: deque[tuple[socket.socket, int, int]] = deque()  # conn, id, port
         self.grants: dict[int, tuple[socket.socket, int]] = {}  # grant: socket, shared port
@@ -120,6 +128,10 @@ class Floor:
     def grant(
         self, conn: socket.socket, rid: int, sock: socket.socket, port: int, shared: int
     ) -> None:
+        if self.work:
+            until = time.thread_time() + self.work
+            while time.thread_time() < until:
+                pass
         grant = self.next_grant
         self.next_grant += 1
         self.grants[grant] = (sock, shared)
@@ -129,7 +141,7 @@ class Floor:
         conn.sendmsg([frame], rights)
 
 
-async def serve(path: str) -> None:
+async def serve(path: str, work: float) -> None:
     loop = asyncio.get_running_loop()
     user = "nobody" if os.geteuid() == 0 else None
     creator, proc = spawn(creator_argv(user=user))
@@ -140,7 +152,7 @@ async def serve(path: str) -> None:
     os.chmod(path, 0o666)
     listener.listen(512)
     listener.setblocking(False)
-    floor = Floor(loop, creator)
+    floor = Floor(loop, creator, work)
     loop.add_reader(listener.fileno(), floor.accept, listener)
     stop = loop.create_future()
     loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
@@ -156,13 +168,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--socket", required=True, metavar="PATH")
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    ap.add_argument(
+        "--work-us", type=float, default=0.0, metavar="N",
+        help="burn N us of CPU per grant (a stand-in for a broker's own work)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.loop == "uvloop":
         import uvloop
 
-        uvloop.run(serve(args.socket))
+        uvloop.run(serve(args.socket, args.work_us / 1e6))
     else:
-        asyncio.run(serve(args.socket))
+        asyncio.run(serve(args.socket, args.work_us / 1e6))
 
 
 if __name__ == "__main__":
