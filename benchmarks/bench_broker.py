@@ -654,7 +654,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         with Broker(path) as keeper:  # keeps the shared socket cached throughout
             shared = keeper.request_socket("udp", "127.0.0.1", SHARED_PORT, share="ANY")
-            for held in (0, args.held):
+            for held in dict.fromkeys((0, args.held)):  # --held 0: once
                 holder = Holder(path, held) if held else None
                 for rate in args.loads:
                     for driver in args.drivers:
