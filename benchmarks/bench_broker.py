@@ -107,6 +107,7 @@ from pathlib import Path
 from typing import Any
 
 from sockcreator._broker_protocol import Hello, ShareMode, SocketRequest
+from sockcreator._broker_server import peer_credentials
 from sockcreator._protocol import make_request
 from sockcreator.broker_client import Broker
 
@@ -197,7 +198,7 @@ def server_pids(path: str) -> tuple[int, int]:
     their CPU is counted as when we start the broker ourselves (0: unknown)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(path)
-        pid = struct.unpack("=iII", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        pid = peer_credentials(s).pid
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
@@ -307,17 +308,24 @@ def start_time(due: float, done: float, sent: float) -> float:
     return due if done > due else sent
 
 
+def lean_frame(scenario: str, index: int) -> bytes:
+    """The whole request frame of a lean (or c) driver's connection ``index``
+    (id 0: the driver fills in bytes 3..6)."""
+    port = SHARED_PORT if scenario == "shared" else FRESH_BASE + index
+    share = ShareMode.ANY if scenario == "shared" else ShareMode.NO
+    return SocketRequest(0, make_request("udp", "127.0.0.1", port), share).encode()
+
+
 class _Lean:
     """One connection of the lean driver: one request outstanding at a time."""
 
     __slots__ = ("buf", "grant", "head", "index", "rid", "sock", "t0", "tail")
 
-    def __init__(self, path: str, index: int, port: int, share: ShareMode) -> None:
+    def __init__(self, path: str, index: int, frame: bytes) -> None:
         self.index = index
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
         self.sock.sendall(Hello().encode())
-        frame = SocketRequest(0, make_request("udp", "127.0.0.1", port), share).encode()
         self.head, self.tail = frame[:3], frame[7:]
         self.rid, self.grant, self.t0, self.buf = 0, 0, 0.0, b""
         while len(self.buf) < 10:  # the hello answer: H, 7 bytes of body
@@ -344,9 +352,7 @@ def lean(
     without a client library's cost, so that the broker is what is measured.
     Closed loop (``period`` 0), or open loop like :func:`client`'s."""
     set_sched(sched)
-    share = ShareMode.ANY if scenario == "shared" else ShareMode.NO
-    conns = [_Lean(path, i, SHARED_PORT if scenario == "shared" else FRESH_BASE + i, share)
-             for i in indices]  # fmt: skip
+    conns = [_Lean(path, i, lean_frame(scenario, i)) for i in indices]
     by_index = {c.index: c for c in conns}
     ep = select.epoll()
     by_fd = {c.sock.fileno(): c for c in conns}
@@ -470,12 +476,7 @@ def c_lean(
     process only starts it (with our scheduling, which it inherits), lets it
     go at the barrier and hands on what it measured."""
     set_sched(sched)
-    share = ShareMode.ANY if scenario == "shared" else ShareMode.NO
-    frames = []
-    for i in indices:
-        port = SHARED_PORT if scenario == "shared" else FRESH_BASE + i
-        frame = SocketRequest(0, make_request("udp", "127.0.0.1", port), share).encode()
-        frames.append(f"{i}:{frame.hex()}")
+    frames = [f"{i}:{lean_frame(scenario, i).hex()}" for i in indices]
     argv = [binary, path, repr(seconds), repr(period), "1" if poisson else "0", *frames]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
@@ -531,7 +532,7 @@ def run_scenario(
         ]
     for p in procs:
         p.start()
-    barrier.wait()
+    barrier.wait(timeout=300)  # a driver that died first breaks it: no hang
     t0 = time.perf_counter()
     (busy0, steal0), broker0, creator0 = machine_busy(), cpu_seconds(pids[0]), cpu_seconds(pids[1])
     bu0, bs0 = user_system(pids[0])
