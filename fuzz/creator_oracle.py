@@ -77,7 +77,12 @@ class InvariantViolation(AssertionError):
 # (the same rules are passed to the creator as --allow specs below)
 
 
-def _policy_allows(kind: str, family: int, addr: bytes, port: int) -> bool:
+def _policy_allows(kind: str, family: int, addr: bytes, port: int, flags: int = 0) -> bool:
+    """The policy, with the creator's IPv4 rule for IPv6 sockets that take
+    IPv4 traffic: a mapped address, or :: with V6ONLY off (flag 2)."""
+    if family == 6 and (addr[:12] == bytes(10) + b"\xff\xff" or (flags & 2 and not any(addr))):
+        if not _policy_allows(kind, 4, addr[12:], port):
+            return False
     v4 = family == 4
     if kind == "tcp" and v4 and addr == bytes([127, 0, 0, 1]) and 1 <= port <= 1024:
         return True
@@ -174,10 +179,10 @@ def model(data: bytes, policy: bool) -> Expected:
         port = int.from_bytes(data[pos + 3 : pos + 5], "big")
         addr = data[pos + 5 : pos + 5 + (4 if family == 4 else 16)]
         flags = data[pos + size - 1] if cmd == b"P" else 0
-        if flags & ~7 or (flags & 2 and family == 4):
+        if flags & ~15 or (flags & 2 and family == 4):
             return Expected(reqs, "invalid")
         req = Req(kind, family, port, addr, flags)
-        reqs.append((req, not policy or _policy_allows(kind, family, addr, port)))
+        reqs.append((req, not policy or _policy_allows(kind, family, addr, port, flags)))
         pos += size
 
 
@@ -289,8 +294,8 @@ def _check_socket(sock: socket.socket, req: Req) -> None:
     if req.port and port != req.port:
         raise _fail(f"asked for {req}, bound to port {port}")
     opt = sock.getsockopt
-    if not opt(socket.SOL_SOCKET, socket.SO_REUSEADDR):
-        raise _fail(f"{req}: SO_REUSEADDR not set")
+    if bool(opt(socket.SOL_SOCKET, socket.SO_REUSEADDR)) == bool(req.flags & 8):
+        raise _fail(f"{req}: SO_REUSEADDR does not match the flags (8: not set)")
     if opt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         raise _fail(f"{req}: the socket is listening")
     if bool(opt(socket.SOL_SOCKET, SO_REUSEPORT)) != bool(req.flags & 1):

@@ -189,17 +189,30 @@ class _Model:
     def held(self, owner: int) -> list[tuple[int, dict[str, Any]]]:
         return [(g[0], e) for e in self.entries for g in e["grants"] if g[1] == owner]
 
-    def keyed(self, port: int) -> dict[str, Any] | None:
+    def keyed(self, port: int, addr: str) -> dict[str, Any] | None:
         for e in self.entries:
-            if e["keyed"] and e["port"] == port:
+            if e["keyed"] and (e["port"], e["addr"]) == (port, addr):
                 return e
         return None
+
+    def near(self, port: int, addr: str) -> list[dict[str, Any]]:
+        """Keyed entries on the same port whose addresses overlap (a wildcard
+        overlaps every address), other than the one of the same key."""
+        return [
+            e for e in self.entries
+            if e["keyed"] and e["port"] == port and e["addr"] != addr
+            and "0.0.0.0" in (e["addr"], addr)
+        ]  # fmt: skip
+
+
+_ADDRS = ["127.0.0.1", "0.0.0.0", "127.0.0.2"]
 
 
 _op = st.one_of(
     st.tuples(st.just("claim"), st.integers(0, 3), st.sampled_from(_PORTS),
               st.sampled_from(_OPTION_SETS), st.sampled_from([None, 5]),
-              st.sampled_from(MODES), st.sampled_from(["a", "b"]), st.sampled_from([1, 2])),
+              st.sampled_from(MODES), st.sampled_from(["a", "b"]), st.sampled_from([1, 2]),
+              st.sampled_from(_ADDRS)),
     st.tuples(st.just("created"), st.integers(0, 9), st.sampled_from([1024, 1025])),
     st.tuples(st.just("failed"), st.integers(0, 9)),
     st.tuples(st.just("release"), st.integers(0, 3), st.integers(0, 9)),
@@ -220,25 +233,28 @@ def test_share_table_agrees_with_a_model(ops: list[tuple[Any, ...]], max_sockets
     closed: list[object] = []
     for op in ops:
         if op[0] == "claim":
-            _, owner, port, options, backlog, mode, name, uid = op
+            _, owner, port, options, backlog, mode, name, uid, addr = op
             if mode is ShareMode.SAMEAPP and not name:
                 continue
-            request = make_request("tcp", "127.0.0.1", port, options=options)
+            request = make_request("tcp", addr, port, options=options)
             got = table.claim(owner, uid, request, backlog, mode, name)
-            e = model.keyed(port) if port else None
+            e = model.keyed(port, addr) if port else None
+            near = model.near(port, addr) if port else []
             if len(model.held(owner)) >= max_held:
                 assert got is Reason.LIMIT
             elif e is not None and (e["options"], e["backlog"]) != (options, backlog):
                 assert got is Reason.OPTIONS
             elif e is not None and not shareable([g[2:] for g in e["grants"]], mode, name, uid):
                 assert got is Reason.SHARE
+            elif any(not shareable([g[2:] for g in n["grants"]], mode, name, uid) for n in near):
+                assert got is Reason.SHARE  # another address overlaps (finding 4)
             elif e is None and len(model.entries) >= max_sockets:
                 assert got is Reason.LIMIT
             else:
                 assert isinstance(got, Grant)
                 if e is None:
                     assert got.creates and got.entry.sock is None
-                    e = {"port": port, "keyed": bool(port), "options": options,
+                    e = {"port": port, "addr": addr, "keyed": bool(port), "options": options,
                          "backlog": backlog, "grants": [], "sock": None,
                          "entry": got.entry}  # fmt: skip
                     model.entries.append(e)
@@ -259,7 +275,7 @@ def test_share_table_agrees_with_a_model(ops: list[tuple[Any, ...]], max_sockets
                 assert [g.id for g in waiting] == [g[0] for g in e["grants"]]
                 e["sock"] = sock
                 if not e["port"]:  # cached under the port it got, unless that is taken
-                    e["port"], e["keyed"] = op[2], model.keyed(op[2]) is None
+                    e["port"], e["keyed"] = op[2], model.keyed(op[2], e["addr"]) is None
             else:
                 dropped = table.failed(entry)
                 assert [g.id for g in dropped] == [g[0] for g in e["grants"]]
@@ -296,3 +312,30 @@ def test_share_table_agrees_with_a_model(ops: list[tuple[Any, ...]], max_sockets
         keyed = {id(e["entry"]) for e in model.entries if e["keyed"]}
         assert {id(x) for x in table.entries.values()} == keyed
     assert len(closed) == len(set(map(id, closed)))  # each socket handed back once
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        (("0.0.0.0", 0), ("127.0.0.1", 0), True),
+        (("127.0.0.1", 0), ("127.0.0.2", 0), False),
+        (("127.0.0.1", 0), ("127.0.0.1", 0), True),
+        (("::", 0), ("0.0.0.0", 0), False),  # V6ONLY on: IPv6 only
+        (("::", 2), ("0.0.0.0", 0), True),  # V6ONLY off: IPv4 too
+        (("::", 2), ("127.0.0.1", 0), True),
+        (("::", 0), ("::1", 0), True),
+        (("::1", 2), ("127.0.0.1", 0), False),  # V6ONLY off changes nothing on ::1
+        (("::ffff:127.0.0.1", 2), ("127.0.0.1", 0), True),
+        (("::ffff:127.0.0.1", 2), ("0.0.0.0", 0), True),
+        (("::ffff:127.0.0.1", 2), ("127.0.0.2", 0), False),
+        (("::ffff:127.0.0.1", 2), ("::", 0), False),
+        (("::ffff:0.0.0.0", 2), ("127.0.0.9", 0), True),
+    ],
+)
+def test_coverage_overlaps(a: tuple[str, int], b: tuple[str, int], overlap: bool) -> None:
+    """Which sockets on one port share traffic (what share mode NO guards)."""
+    from sockcreator._broker_table import coverage, overlaps
+
+    ca, cb = (coverage(make_request("udp", h, 53, options=o)) for h, o in (a, b))
+    assert overlaps(ca, cb) is overlap
+    assert overlaps(cb, ca) is overlap

@@ -71,7 +71,7 @@ def test_p_request_layout() -> None:
     ("address", "options", "error"),
     [
         ("1.2.3.4", SocketOptions.DUALSTACK, ValueError),  # V6ONLY is IPv6's
-        ("1.2.3.4", 8, ValueError),  # unknown bit
+        ("1.2.3.4", 16, ValueError),  # unknown bit
         ("::", 256, ValueError),
         ("::", True, TypeError),
         ("::", "reuseport", TypeError),

@@ -285,7 +285,7 @@ def _request_bytes(draw: st.DrawFn) -> bytes:
     packed = socket.inet_pton(socket.AF_INET6 if six else socket.AF_INET, addr)
     out = cmd + draw(st.sampled_from([b"T", b"U"])) + (b"6" if six else b"4")
     out += draw(_ports).to_bytes(2, "big") + packed
-    return out + (bytes([draw(st.integers(0, 7))]) if cmd == b"P" else b"")
+    return out + (bytes([draw(st.integers(0, 15))]) if cmd == b"P" else b"")
 
 
 _creator_input = st.lists(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import dataclasses
 import errno
 import socket
 import struct
@@ -44,6 +45,7 @@ from ._broker_protocol import (
     Reason,
     Release,
     RequestDecoder,
+    ShareMode,
     SocketRequest,
     StatusEnd,
     StatusEntry,
@@ -53,6 +55,7 @@ from ._broker_protocol import (
 )
 from ._broker_table import Entry, Grant, Key, ShareTable, entry_key
 from ._errors import CreatorFatalError, SocketCreationError
+from ._protocol import SocketOptions
 from .broker_policy import PeerPolicy, Policy
 
 __all__ = ["BrokerConfig", "BrokerServer", "Peer", "peer_credentials"]
@@ -139,11 +142,29 @@ class _Wanted:
     it: the table key and the audit text.  Shared by every message with the
     same bytes (the decoder hands out identical objects for those)."""
 
-    __slots__ = ("backlog", "key", "name", "request", "share", "share_name", "suffix", "what")
+    __slots__ = (
+        "backlog", "key", "made_as", "name", "refusal", "request", "share", "share_name",
+        "suffix", "what",
+    )  # fmt: skip
 
     def __init__(self, m: SocketRequest) -> None:
         r = self.request = m.request
         self.share = m.share
+        # What the kernel is to enforce (see "Exclusive sockets" in docs/broker.md):
+        # a UDP socket co-binds with another only if both have SO_REUSEADDR,
+        # so only a socket made for ANY gets it; SO_REUSEPORT lets any later
+        # reuseport socket of the creator's uid join, so only ANY may ask.
+        self.refusal = (
+            (Reason.OPTIONS, errno.EINVAL)
+            if r.options & SocketOptions.REUSEPORT and m.share is not ShareMode.ANY
+            else None
+        )
+        exclusive = r.type == socket.SOCK_DGRAM and m.share is not ShareMode.ANY
+        self.made_as = (
+            dataclasses.replace(r, options=r.options | SocketOptions.NOREUSEADDR)
+            if exclusive
+            else r
+        )
         self.name = m.name
         self.backlog = m.backlog
         self.key: Key = entry_key(r)
@@ -255,7 +276,7 @@ class BrokerServer:
 
     def create(self, entry: Entry, w: _Wanted) -> None:
         entry.extra = w
-        self.creator.request(entry.request, lambda outcome: self._created(entry, w, outcome))
+        self.creator.request(w.made_as, lambda outcome: self._created(entry, w, outcome))
         if self.creator.unsent:
             self._want_flush()  # which pushes the request to the creator
 
@@ -637,6 +658,8 @@ class _Connection:
             allowed = self.allowed[w] = self.policy.allows(m.request)
         if not allowed:
             return self._deny(m, w, Reason.POLICY, errno.EPERM)
+        if w.refusal is not None:
+            return self._deny(m, w, *w.refusal)
         g = server.table.claim(self, self.peer.uid, m.request, m.backlog, m.share, m.name, w.key)
         if isinstance(g, Reason):
             return self._deny(m, w, g, _ERRNO[g])

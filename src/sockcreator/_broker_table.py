@@ -10,6 +10,10 @@ object so that they can be tested and fuzzed without processes or sockets:
   for a creation already under way, or the first claim of a new entry, which
   the caller must create and then report with :meth:`ShareTable.created` or
   :meth:`ShareTable.failed`;
+- sharing is decided across every socket whose addresses overlap, not only
+  the socket of the same key: a wildcard overlaps every address of its
+  family, and an IPv6 socket that takes IPv4 traffic (``::`` with V6ONLY off,
+  or an IPv4-mapped address) overlaps the IPv4 ones (:func:`coverage`);
 - :meth:`ShareTable.release` and :meth:`ShareTable.release_all` end grants,
   and hand back the cached socket to close with its last grant.
 
@@ -22,21 +26,62 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, Union
 
 from ._broker_protocol import Reason, ShareMode
-from ._protocol import Request
+from ._protocol import Request, SocketOptions
 
-__all__ = ["Entry", "Grant", "Holders", "Key", "ShareTable", "entry_key", "shareable"]
+__all__ = [
+    "Coverage",
+    "Entry",
+    "Grant",
+    "Holders",
+    "Key",
+    "ShareTable",
+    "coverage",
+    "entry_key",
+    "overlaps",
+    "shareable",
+]
 
 #: An entry's key: (socket type, packed address, port).  Cheap to hash.
 Key = tuple[int, bytes, int]
+#: The IPv4 and the IPv6 addresses a socket takes traffic for: None (no
+#: traffic of that family), b"" (every address: a wildcard), or one packed
+#: address.
+Coverage = tuple[Union[bytes, None], Union[bytes, None]]
+_MAPPED = bytes(10) + b"\xff\xff"
 
 _NO, _SAMEAPP, _ANY = ShareMode.NO, ShareMode.SAMEAPP, ShareMode.ANY
 
 
 def entry_key(request: Request) -> Key:
     return (int(request.type), request.address.packed, request.port)
+
+
+def coverage(request: Request) -> Coverage:
+    """Which addresses a socket bound as ``request`` asks takes traffic for
+    (as Linux decides it: V6ONLY is on unless DUALSTACK is asked, and with
+    it off only ``::`` and mapped addresses take IPv4)."""
+    packed = request.address.packed
+    if len(packed) == 4:
+        return (packed if any(packed) else b"", None)
+    if packed[:12] == _MAPPED:  # IPv4 traffic for a.b.c.d (or any, for ::ffff:0.0.0.0)
+        v4 = packed[12:]
+        return (v4 if any(v4) else b"", None)
+    if not any(packed):
+        dual = request.options & SocketOptions.DUALSTACK
+        return (b"" if dual else None, b"")
+    return (None, packed)
+
+
+def _meet(a: bytes | None, b: bytes | None) -> bool:
+    return a is not None and b is not None and (a == b or not a or not b)
+
+
+def overlaps(a: Coverage, b: Coverage) -> bool:
+    """Whether two sockets on the same port and type would share traffic."""
+    return _meet(a[0], b[0]) or _meet(a[1], b[1])
 
 
 def _lets(mode: ShareMode, name: str, uid: int, other_name: str, other_uid: int) -> bool:
@@ -101,11 +146,12 @@ class Entry:
     """One cached socket (``sock`` is None while it is being created) and
     its grants, in the order they were made.  ``extra`` is the caller's."""
 
-    __slots__ = ("backlog", "extra", "grants", "holders", "key", "request", "sock")
+    __slots__ = ("backlog", "cover", "extra", "grants", "holders", "key", "request", "sock")
 
     def __init__(self, key: Key, request: Request, backlog: int | None) -> None:
         self.key = key
         self.request = request
+        self.cover = coverage(request)
         self.backlog = backlog
         self.sock: Any = None
         self.grants: dict[int, Grant] = {}
@@ -138,6 +184,8 @@ class ShareTable:
         self.max_sockets = max_sockets
         self.max_held = max_held
         self.entries: dict[Key, Entry] = {}  # by key (port-0 entries once created)
+        #: the same entries by (type, port): the ones whose addresses may overlap
+        self.by_port: dict[tuple[int, int], list[Entry]] = {}
         self.held: dict[Hashable, dict[int, Grant]] = {}  # by owner, then grant id
         self.live = 0  # entries alive: the sockets we hold or are getting
         self._next = 1
@@ -170,6 +218,18 @@ class ShareTable:
                 return Reason.OPTIONS
             if not entry.holders.admit(share, (name, uid)):
                 return Reason.SHARE
+        if port:
+            near = self.by_port.get((key[0], port))
+            if near is not None and (len(near) > 1 or near[0] is not entry):
+                cover = coverage(request)
+                for other in near:
+                    if (
+                        other is not entry
+                        and overlaps(other.cover, cover)
+                        and not other.holders.admit(share, (name, uid))
+                    ):
+                        return Reason.SHARE
+        if entry is not None:
             return self._grant(owner, uid, entry, share, name, mine)
         if self.live >= self.max_sockets:
             return Reason.LIMIT
@@ -177,6 +237,7 @@ class ShareTable:
         self.live += 1
         if port:
             self.entries[key] = entry  # later claims for it wait for this creation
+            self.by_port.setdefault((key[0], port), []).append(entry)
         g = self._grant(owner, uid, entry, share, name, mine)
         g.creates = True
         return g
@@ -209,7 +270,8 @@ class ShareTable:
         if entry.request.port == 0:  # cached under the port it got
             entry.request = dataclasses.replace(entry.request, port=port)
             entry.key = (entry.key[0], entry.key[1], port)
-            self.entries.setdefault(entry.key, entry)
+            if self.entries.setdefault(entry.key, entry) is entry:
+                self.by_port.setdefault((entry.key[0], port), []).append(entry)
         entry.sock = sock
         return list(entry.grants.values())
 
@@ -265,6 +327,11 @@ class ShareTable:
     def _forget(self, entry: Entry) -> None:
         if self.entries.get(entry.key) is entry:
             del self.entries[entry.key]
+            near_key = (entry.key[0], entry.key[2])
+            near = self.by_port[near_key]
+            near.remove(entry)
+            if not near:
+                del self.by_port[near_key]
         self.live -= 1
 
     def check(self) -> None:
@@ -289,3 +356,7 @@ class ShareTable:
                 entry.holders.keys,
             )
         assert len(self.entries) <= self.live <= self.max_sockets
+        near = [(k, e) for k, es in self.by_port.items() for e in es]
+        assert sorted(id(e) for _, e in near) == sorted(id(e) for e in self.entries.values())
+        for (typ, port), e in near:
+            assert (e.key[0], e.key[2]) == (typ, port)

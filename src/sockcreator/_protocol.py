@@ -66,10 +66,19 @@ class SocketOptions(enum.IntFlag):
     REUSEPORT = 1  # SO_REUSEPORT
     DUALSTACK = 2  # IPV6_V6ONLY off (IPv6 only; without it V6ONLY is on, as for 'S')
     FREEBIND = 4  # IP_FREEBIND
+    #: SO_REUSEADDR left off ('S' always sets it): the kernel then refuses to
+    #: bind this socket where another socket overlaps, and another socket
+    #: where this one does (UDP's co-binding needs SO_REUSEADDR on both)
+    NOREUSEADDR = 8
 
 
 _NO_OPTIONS = SocketOptions(0)
-_ALL_OPTIONS = SocketOptions.REUSEPORT | SocketOptions.DUALSTACK | SocketOptions.FREEBIND
+_ALL_OPTIONS = (
+    SocketOptions.REUSEPORT
+    | SocketOptions.DUALSTACK
+    | SocketOptions.FREEBIND
+    | SocketOptions.NOREUSEADDR
+)
 
 
 @dataclass(frozen=True)

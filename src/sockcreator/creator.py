@@ -26,8 +26,15 @@ Requests (fixed length; anything else is answered 'F' 'I', then exit 12)::
     'T'                                          terminate (no answer)
     'S' ('T'|'U') ('4'|'6') port[2] addr[4|16]   BIND 10's request, byte for byte
     'P' ('T'|'U') ('4'|'6') port[2] addr[4|16] flags[1]
-        as 'S', plus options set after SO_REUSEADDR and before bind():
-        1 SO_REUSEPORT, 2 IPV6_V6ONLY off (family '6' only), 4 IP_FREEBIND
+        as 'S', plus options set before bind(): 1 SO_REUSEPORT, 2 IPV6_V6ONLY
+        off (family '6' only), 4 IP_FREEBIND, 8 no SO_REUSEADDR (which 'S'
+        always sets: without it the kernel refuses to co-bind another socket
+        to an overlapping address and port, which is how a broker makes an
+        exclusive UDP socket)
+
+The policy sees every address a socket would take traffic for: an IPv6
+request on an IPv4-mapped address (``::ffff:a.b.c.d``) must also be allowed
+for ``a.b.c.d``, and one on ``::`` with IPV6_V6ONLY off for ``0.0.0.0``.
 
 Answers to 'S' and 'P': 'S' then one data byte carrying the descriptor
 (SCM_RIGHTS), or 'E' ('S'|'B') errno[native int].  Port and address are in
@@ -69,7 +76,9 @@ IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
 IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
 IPV6_PMTUDISC_DONT = getattr(socket, "IPV6_PMTUDISC_DONT", 0)
 # 'P' flag bits, and the Linux values of options Python may lack.
-P_REUSEPORT, P_DUALSTACK, P_FREEBIND = 1, 2, 4
+P_REUSEPORT, P_DUALSTACK, P_FREEBIND, P_NOREUSEADDR = 1, 2, 4, 8
+P_ALL = P_REUSEPORT | P_DUALSTACK | P_FREEBIND | P_NOREUSEADDR
+MAPPED = bytes(10) + b"\xff\xff"  # the first 12 bytes of ::ffff:a.b.c.d
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 
@@ -292,7 +301,8 @@ def create(
     except OSError as e:
         return b"ES" + INT.pack(e.errno or 0)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if not flags & P_NOREUSEADDR:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if flags & P_REUSEPORT:
             sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
         if flags & P_FREEBIND:
@@ -334,11 +344,16 @@ def serve(rd: socket.socket, wr: socket.socket, rules: list[Rule] | None) -> Non
         fields = read_exact(rd, 2 + (4 if family == b"4" else 16))  # port, address
         port, addr = fields[:2], fields[2:]
         flags = read_exact(rd, 1)[0] if command == b"P" else 0
-        if flags & ~(P_REUSEPORT | P_DUALSTACK | P_FREEBIND) or (
-            flags & P_DUALSTACK and family == b"4"
-        ):
+        if flags & ~P_ALL or (flags & P_DUALSTACK and family == b"4"):
             invalid(wr, command + kind + family + bytes([flags]))
-        if allowed(rules, kind, family, addr, int.from_bytes(port, "big")):
+        number = int.from_bytes(port, "big")
+        ok = allowed(rules, kind, family, addr, number)
+        # IPv4 traffic reaches an IPv6 socket on a mapped address, and on ::
+        # with V6ONLY off: the IPv4 address must be allowed too.
+        ipv4 = addr[:12] == MAPPED or (flags & P_DUALSTACK and not any(addr))
+        if ok and family == b"6" and ipv4:
+            ok = allowed(rules, kind, b"4", addr[12:], number)
+        if ok:
             result = create(kind, family, port, addr, flags)
         else:
             fam = socket.AF_INET if family == b"4" else socket.AF_INET6
