@@ -166,6 +166,19 @@ def machine_busy() -> tuple[float, float]:
 # --- the broker -------------------------------------------------------------------
 
 
+def _creator_user() -> str:
+    """The creator's own user (never the broker's): made if missing."""
+    import pwd
+
+    name = "sockc-creator"
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        cmd = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return name
+
+
 def start_broker(
     directory: Path, max_held: int, nice: int = 0, loop: str = "auto"
 ) -> tuple[subprocess.Popen[bytes], int]:
@@ -175,7 +188,7 @@ def start_broker(
             str(directory / "broker.sock"), "--policy", str(directory / "policy.toml"),
             "--max-held", str(max_held), "--loop", loop]  # fmt: skip
     if os.geteuid() == 0:
-        argv += ["--user", "nobody"]
+        argv += ["--user", "nobody", "--creator-user", _creator_user()]
         script = f'{IP} link set lo up && exec "$0" "$@"'
         argv = [UNSHARE, "-n", "/bin/sh", "-c", script, *argv]
     if nice:

@@ -50,6 +50,7 @@ from soak_creator import (  # the same sampling and verdict (soak/ is on sys.pat
 from sockcreator.broker_client import AsyncBroker, SocketRefusedError
 
 BROKER_USER = "sockc-broker"
+CREATOR_USER = "sockc-creator"  # the creator's own user (docs/security.md)
 UNSHARE, IP = "/usr/bin/unshare", "/usr/sbin/ip"
 POLICY = """
 [[allow]]
@@ -90,7 +91,14 @@ class BrokerProcess:
         (directory / "policy.toml").write_text(POLICY)
         self.log = directory / "broker.log"
         argv = [sys.executable, "-m", "sockcreator.cli", "serve", "--socket", self.path]
-        argv += ["--policy", str(directory / "policy.toml"), "--user", BROKER_USER]
+        argv += [
+            "--policy",
+            str(directory / "policy.toml"),
+            "--user",
+            BROKER_USER,
+            "--creator-user",
+            CREATOR_USER,
+        ]
         argv += ["--max-connections-per-user", str(max(64, clients + 1))]
         script = f'{IP} link set lo up && exec "$0" "$@"'
         with open(self.log, "wb") as log:
@@ -253,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cycles <= 0 or not 0 < args.clients <= 1000:
         ap.error("--cycles must be positive and --clients 1..1000")
     ensure_user(BROKER_USER)
+    ensure_user(CREATOR_USER)
     every = args.every or max(args.clients, args.cycles // 20)
     directory = Path(tempfile.mkdtemp(prefix="sockc-soak-", dir="/tmp"))
     directory.chmod(0o755)

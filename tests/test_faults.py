@@ -934,6 +934,7 @@ from sockcreator._protocol import make_request  # noqa: E402
 from sockcreator.broker_client import Broker, BrokerFatalError  # noqa: E402
 
 BROKER_USER = "sockc-broker"
+CREATOR_USER = "sockc-creator"  # the creator's own user (docs/security.md)
 BROKER_POLICY = """
 [[allow]]
 users = ["root"]
@@ -950,6 +951,7 @@ class BrokerUnderTest:
         from conftest import ensure_user, netns_argv
 
         ensure_user(BROKER_USER)
+        ensure_user(CREATOR_USER)
         self.dir = directory
         self.path = os.path.join(directory, "broker.sock")
         policy = os.path.join(directory, "policy.toml")
@@ -957,7 +959,7 @@ class BrokerUnderTest:
             f.write(BROKER_POLICY)
         self.log = os.path.join(directory, "broker.log")
         argv = [sys.executable, "-m", "sockcreator.cli", "serve", "--socket", self.path]
-        argv += ["--policy", policy, "--user", BROKER_USER, *extra]
+        argv += ["--policy", policy, "--user", BROKER_USER, "--creator-user", CREATOR_USER, *extra]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 netns_argv(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log

@@ -17,6 +17,24 @@ never stops the loop, it only stops being served.
 
 The sharing rules and the bookkeeping are :class:`~._broker_table.ShareTable`'s;
 this module does the I/O around it.
+
+Descriptors in flight
+---------------------
+Linux charges every descriptor sent over a Unix socket and not yet received
+to the *sender's* user (``unix_inflight``), and refuses further sends with
+ETOOMANYREFS once that count passes the sender's RLIMIT_NOFILE.  A client
+that asks and never reads would spend the broker's budget for everybody,
+even after the broker has closed its connection, since what is queued stays
+in flight as long as the client keeps its end open.  So the broker counts
+every descriptor it sends, per connection and per client uid, and forgets a
+connection's count only once ``SIOCOUTQ`` says the client has read all that
+was sent to it (an upper bound, never an estimate).  A connection whose uid
+is at ``max_inflight_per_uid`` (or the broker at ``max_inflight``) is held
+back, not failed: its answers wait until the client reads, and past
+``client_timeout`` it is cut off like any client that does not read.  A
+connection closed with descriptors still unread is *draining*: shut down,
+kept open to ask ``SIOCOUTQ``, and still counted against its uid (in flight
+and as a connection) until the client has read or closed its end.
 """
 
 from __future__ import annotations
@@ -26,8 +44,10 @@ import asyncio
 import collections
 import dataclasses
 import errno
+import fcntl
 import socket
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -76,6 +96,19 @@ _ERRNO = {
     Reason.LIMIT: errno.EMFILE,
 }
 _ERRNAME = errno.errorcode
+_SIOCOUTQ = 0x5411  # Linux: what a socket has sent that its peer has not read yet
+_OUTQ_ARG = bytes(4)
+_POLL = 0.02  # seconds between looks at a held-back connection
+_SWEEP = 1.0  # seconds between looks at draining connections
+
+
+def _unread(fd: int) -> int:
+    """SIOCOUTQ: bytes (with their overhead) sent on ``fd`` and not read by
+    the peer yet; 0 on a system without it (nothing is counted there)."""
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, _SIOCOUTQ, _OUTQ_ARG), sys.byteorder)
+    except OSError:
+        return 0
 
 
 # --- configuration ------------------------------------------------------------
@@ -91,9 +124,17 @@ class BrokerConfig:
     max_pending: int = 32  # unanswered requests per connection
     max_sockets: int = 8192  # cached sockets in all
     client_timeout: float = 10.0
+    max_inflight_per_uid: int = 256  # descriptors sent to a uid's connections, not yet read
+    max_inflight: int = 4096  # the same for every client together
 
     def __post_init__(self) -> None:
-        for name in ("max_connections", "max_connections_per_uid", "max_held", "max_sockets"):
+        limits = (
+            "max_connections", "max_connections_per_uid", "max_held", "max_sockets",
+            "max_inflight_per_uid", "max_inflight",
+        )  # fmt: skip
+        if self.max_inflight_per_uid > self.max_inflight:
+            raise ValueError("max_inflight_per_uid must not exceed max_inflight")
+        for name in limits:
             if not 1 <= getattr(self, name) <= 2**31 - 1:
                 raise ValueError(f"{name} must be a positive number")
         if not 1 <= self.max_pending <= 65535:
@@ -232,7 +273,12 @@ class BrokerServer:
         self.audit = Audit(audit_fd, self._want_flush)
         self.table = ShareTable(config.max_sockets, config.max_held)
         self.connections: set[_Connection] = set()
-        self.per_uid: dict[int, int] = {}
+        self.per_uid: dict[int, int] = {}  # connections (draining ones too) by uid
+        self.draining: set[_Connection] = set()  # closed, with descriptors still unread
+        self.inflight = 0  # descriptors sent and maybe not read yet, all connections
+        self.inflight_by_uid: dict[int, int] = {}
+        self.owing: dict[int, set[_Connection]] = {}  # by uid: connections with inflight
+        self._sweeper: asyncio.TimerHandle | None = None
         self.hello_reply = HelloReply(VERSION, config.max_held, config.max_pending).encode()
         self._next_conn = 1
         self._stopped: asyncio.Future[int] | None = None
@@ -325,6 +371,72 @@ class BrokerServer:
             made.doomed.close()
             made.doomed = None
 
+    # Descriptors in flight (see the module doc) -------------------------------
+
+    def charge(self, conn: _Connection) -> None:
+        """One more descriptor sent on ``conn``."""
+        uid = conn.peer.uid
+        conn.inflight += 1
+        self.inflight += 1
+        self.inflight_by_uid[uid] = self.inflight_by_uid.get(uid, 0) + 1
+        if conn.inflight == 1:
+            self.owing.setdefault(uid, set()).add(conn)
+
+    def settle(self, conn: _Connection) -> None:
+        """``conn``'s client has read everything sent to it."""
+        n = conn.inflight
+        if not n:
+            return
+        uid = conn.peer.uid
+        conn.inflight = 0
+        self.inflight -= n
+        left = self.inflight_by_uid[uid] - n
+        if left:
+            self.inflight_by_uid[uid] = left
+        else:
+            del self.inflight_by_uid[uid]
+        owing = self.owing[uid]
+        owing.discard(conn)
+        if not owing:
+            del self.owing[uid]
+
+    def recount(self, conns: list[_Connection]) -> None:
+        """Ask the kernel about each of ``conns``: settle those whose client
+        has read everything, and let go of draining ones that are done."""
+        for conn in conns:
+            if conn.inflight and not _unread(conn.fd):
+                self.settle(conn)
+                if conn in self.draining:
+                    conn.finish()
+
+    def room_for(self, conn: _Connection) -> bool:
+        """Whether one more descriptor may go to ``conn`` now."""
+        cfg = self.config
+        if conn.inflight and not _unread(conn.fd):
+            self.settle(conn)
+        uid = conn.peer.uid
+        if self.inflight_by_uid.get(uid, 0) >= cfg.max_inflight_per_uid:
+            self.recount(list(self.owing.get(uid, ())))
+            if self.inflight_by_uid.get(uid, 0) >= cfg.max_inflight_per_uid:
+                return False
+        if self.inflight >= cfg.max_inflight:
+            self.recount([c for owing in self.owing.values() for c in owing])
+            if self.inflight >= cfg.max_inflight:
+                return False
+        return True
+
+    def drain(self, conn: _Connection) -> None:
+        """Keep a closed connection until its client has read (or closed)."""
+        self.draining.add(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(_SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        self.recount(list(self.draining))
+        if self.draining:
+            self._sweeper = self.loop.call_later(_SWEEP, self._sweep)
+
     # Running -----------------------------------------------------------------
 
     async def serve(self) -> int:
@@ -342,6 +454,11 @@ class BrokerServer:
             for entry in list(self.table.entries.values()):
                 if entry.sock is not None:
                     entry.sock.close()
+            for conn in list(self.draining):
+                conn.finish()
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                self._sweeper = None
             self.audit.flush()
 
     def stop(self, status: int = 0) -> None:
@@ -380,9 +497,32 @@ class _Connection:
     answers wait for the client to read them, later frames queue up."""
 
     __slots__ = (
-        "allowed", "closed", "counted", "decoder", "eof", "fd", "in_timer", "inq", "number",
-        "out", "out_timer", "partial", "peer", "policy", "queued", "reading", "server",
-        "sock", "status", "waiting", "who", "writing",
+        "allowed",
+        "closed",
+        "counted",
+        "decoder",
+        "eof",
+        "fd",
+        "held_back",
+        "in_timer",
+        "inflight",
+        "inq",
+        "number",
+        "out",
+        "out_timer",
+        "partial",
+        "peer",
+        "policy",
+        "poll_timer",
+        "queued",
+        "reading",
+        "server",
+        "sock",
+        "status",
+        "waiting",
+        "watching",
+        "who",
+        "writing",
     )  # fmt: skip
 
     def __init__(self, server: BrokerServer, sock: socket.socket, number: int) -> None:
@@ -403,7 +543,11 @@ class _Connection:
         self.waiting: tuple[SocketRequest, _Wanted, Grant] | None = None
         self.status: Iterator[bytes] | None = None
         self.reading = False
-        self.writing = False  # the client is not reading: a writer is registered
+        self.writing = False  # output is blocked: the client is not reading
+        self.watching = False  # a writer callback is registered (the buffer is full)
+        self.held_back = False  # was held back for unread descriptors (logged once)
+        self.inflight = 0  # descriptors sent since the client was last seen to have read all
+        self.poll_timer: asyncio.TimerHandle | None = None
         self.eof = False
         self.closed = False
         self.in_timer: asyncio.TimerHandle | None = None
@@ -422,7 +566,7 @@ class _Connection:
             self.close()
             return
         self.who = f'"uid":{p.uid},"gid":{p.gid},"pid":{p.pid},"conn":{self.number}'
-        if len(server.connections) > cfg.max_connections:
+        if len(server.connections) + len(server.draining) > cfg.max_connections:
             return self.shut(FatalCode.BUSY, "too many connections")
         n = server.per_uid.get(p.uid, 0)
         if n >= cfg.max_connections_per_uid:
@@ -488,12 +632,39 @@ class _Connection:
             self.in_timer = None
 
     def _stop_writing(self) -> None:
-        if self.writing:
-            self.writing = False
+        self.writing = False
+        if self.watching:
+            self.watching = False
             self.server.loop.remove_writer(self.fd)
         if self.out_timer is not None:
             self.out_timer.cancel()
             self.out_timer = None
+        if self.poll_timer is not None:
+            self.poll_timer.cancel()
+            self.poll_timer = None
+
+    def _block(self) -> None:
+        """Output waits (the deadline counts from the first time)."""
+        if not self.writing:
+            self.writing = True
+            server = self.server
+            self.out_timer = server.loop.call_later(server.config.client_timeout, self._unread)
+
+    def _hold_back(self) -> None:
+        """Too many descriptors unread: look again in a moment."""
+        self._block()
+        if self.watching:
+            self.watching = False
+            self.server.loop.remove_writer(self.fd)
+        if not self.held_back:
+            self.held_back = True
+            self._error("INFLIGHT", "held back: descriptors sent and not read yet")
+        if self.poll_timer is None:
+            self.poll_timer = self.server.loop.call_later(_POLL, self._poll)
+
+    def _poll(self) -> None:
+        self.poll_timer = None
+        self._writable()
 
     def _pump(self) -> None:
         """Handle queued frames until one has to wait; close after EOF once
@@ -537,6 +708,8 @@ class _Connection:
         out, sock = self.out, self.sock
         while out:
             data, made = out[0]
+            if made is not None and not server.room_for(self):
+                return self._hold_back()
             if len(out) > 1 and out[1][1] is None:
                 parts, k = [data], 1
                 while k < len(out) and out[k][1] is None:
@@ -547,10 +720,13 @@ class _Connection:
                 n = sock.sendmsg([data], made.anc) if made is not None else sock.send(data)
             except (BlockingIOError, InterruptedError):
                 n = 0
-            except OSError:  # EPIPE, ECONNRESET: the client is gone
+            except OSError as e:  # EPIPE, ECONNRESET: gone; ETOOMANYREFS: this one only
+                if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+                    self._error("SEND", _ERRNAME.get(e.errno or 0, str(e.errno)))
                 self.close()
                 return
             if n and made is not None:
+                server.charge(self)
                 server.sent(made)  # the descriptor went with the first byte
                 out[0] = (out[0][0], None)
             while n:
@@ -563,11 +739,10 @@ class _Connection:
                 n -= len(head)
                 self.partial = False
             if n < len(data) and out:  # the client is not taking it: wait until it does
-                if not self.writing:
-                    self.writing = True
-                    loop = server.loop
-                    loop.add_writer(self.fd, self._writable)
-                    self.out_timer = loop.call_later(server.config.client_timeout, self._unread)
+                self._block()
+                if not self.watching:
+                    self.watching = True
+                    server.loop.add_writer(self.fd, self._writable)
                 return
         self._stop_writing()
         if resume:
@@ -636,14 +811,29 @@ class _Connection:
         self.inq.clear()
         self.waiting = None
         self.status = None
+        server.connections.discard(self)
+        if self.inflight and _unread(self.fd):
+            try:  # the client reads what is queued, then EOF
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            server.drain(self)
+        else:
+            self.finish()
+
+    def finish(self) -> None:
+        """Let go of a closed connection for good: its counts and descriptor."""
+        server = self.server
+        server.draining.discard(self)
+        server.settle(self)
         if self.counted:
+            self.counted = False
             uid = self.peer.uid
             left = server.per_uid[uid] - 1
             if left:
                 server.per_uid[uid] = left
             else:
                 del server.per_uid[uid]
-        server.connections.discard(self)
         self.sock.close()
 
     # Requests ----------------------------------------------------------------

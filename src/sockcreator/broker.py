@@ -2,16 +2,21 @@
 
 ::
 
-    sockcreator serve --socket PATH [--policy FILE] [--user U] [--mode 0666]
-                      [--group G] [--admin-group G] [--loop auto] [limits...]
+    sockcreator serve --socket PATH [--policy FILE] --user U --creator-user C
+                      [--mode 0666] [--group G] [--admin-group G] [--loop auto]
+                      [limits...]
 
 Started as root, in this order:
 
 1. Load the policy file (:mod:`sockcreator.broker_policy`), resolve U and
    the groups, and check PATH's directory -- before anything is started.
-2. Start the hardened creator (dropping to U, keeping only
+2. Start the hardened creator (dropping to C, keeping only
    CAP_NET_BIND_SERVICE) with the union of the policy as its allow-list: the
-   creator fences in everything, the broker checks each user exactly.
+   creator fences in everything, the broker checks each user exactly.  C
+   must be a user of its own, neither U nor root: Linux charges descriptors
+   in flight to the sender's user, and clients can make the broker's sends
+   wait (see "Descriptors in flight" in :mod:`._broker_server`), so the
+   creator must not share U's budget.
 3. Create the listening socket at PATH safely: bound under a temporary name
    in the same directory with umask 0177, then chown/chmod, listen, and
    rename over PATH.  The directory and every ancestor must be owned by root
@@ -137,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policy", default=DEFAULT_POLICY, metavar="FILE", help=f"TOML (default {DEFAULT_POLICY})"
     )
-    p.add_argument("--user", "-u", help="run the broker and its creator as this user")
+    p.add_argument("--user", "-u", help="run the broker as this user (required as root)")
+    p.add_argument(
+        "--creator-user",
+        metavar="USER",
+        help="run the creator as this user: one of its own, not --user (required as root)",
+    )
     p.add_argument(
         "--mode", type=_mode, default=0o666, help="socket file mode, octal (default 0666)"
     )
@@ -151,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-sockets", type=int, help="cached sockets in all (default: from RLIMIT_NOFILE)"
     )
     p.add_argument("--client-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument(
+        "--max-inflight-per-user",
+        type=int,
+        default=256,
+        metavar="N",
+        help="descriptors sent to one user's connections and not read yet (default 256); "
+        "beyond it, that user's answers wait",
+    )
     p.add_argument(
         "--loop",
         choices=("auto", "asyncio", "uvloop"),
@@ -196,7 +214,9 @@ async def _run(
 ) -> int:
     root = os.geteuid() == 0
     try:
-        creator = CreatorChannel(creator_argv(allow=allow, user=args.user if root else None))
+        creator = CreatorChannel(
+            creator_argv(allow=allow, user=args.creator_user if root else None)
+        )
         creator.start()
     except (OSError, ValueError, KeyError) as e:
         return _fail(EXIT_CREATOR, f"cannot start the creator: {e}")
@@ -251,6 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = os.geteuid() == 0
     if root and args.user is None:
         return _fail(EXIT_CONFIG, "give --user: the broker does not run as root")
+    if root and args.creator_user is None:
+        return _fail(
+            EXIT_CONFIG,
+            "give --creator-user: a user of its own for the creator, not --user "
+            "(see docs/security.md)",
+        )
     try:
         if args.user is not None:
             creds = resolve_credentials(args.user)
@@ -258,6 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _fail(EXIT_CONFIG, "--user must not be root")
             if not root and creds.uid != os.geteuid():
                 return _fail(EXIT_CONFIG, "--user needs root (we are not root)")
+        if args.creator_user is not None:
+            if not root:
+                return _fail(EXIT_CONFIG, "--creator-user needs root (we are not root)")
+            creator_uid = resolve_credentials(args.creator_user).uid
+            if creator_uid == 0:
+                return _fail(EXIT_CONFIG, "--creator-user must not be root")
+            if args.user is not None and creator_uid == resolve_credentials(args.user).uid:
+                return _fail(EXIT_CONFIG, "--creator-user must not be --user")
         admin = grp.getgrnam(args.admin_group).gr_gid if args.admin_group else None
         if args.group:
             grp.getgrnam(args.group)
@@ -287,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_pending=args.max_pending,
             max_sockets=max_sockets,
             client_timeout=args.client_timeout,
+            max_inflight_per_uid=args.max_inflight_per_user,
+            # Linux refuses a send once the sender's user has more in flight
+            # than its RLIMIT_NOFILE: stay well within it.
+            max_inflight=max(args.max_inflight_per_user, nofile // 2),
         )
     except ValueError as e:
         return _fail(EXIT_CONFIG, str(e))

@@ -43,6 +43,7 @@ pytestmark = [requires_root, requires_linux, pytest.mark.root]
 
 ALICE, BOB, CAROL = TEST_USERS
 BROKER_USER = "sockc-broker"
+CREATOR_USER = "sockc-creator"  # the creator's own user (docs/security.md)
 WEB_GROUP = "sockc-web"
 
 POLICY = f"""
@@ -73,7 +74,7 @@ def ensure_group(name: str, members: list[str]) -> int:
 
 @pytest.fixture(scope="module", autouse=True)
 def users() -> None:
-    for name in (ALICE, BOB, CAROL, BROKER_USER):
+    for name in (ALICE, BOB, CAROL, BROKER_USER, CREATOR_USER):
         ensure_user(name)
     ensure_group(WEB_GROUP, [CAROL])
 
@@ -100,6 +101,8 @@ class BrokerProc:
             str(directory / "policy.toml"),
             "--user",
             user,
+            "--creator-user",
+            CREATOR_USER,
             "--loop",
             loop,
             *extra,
@@ -320,7 +323,9 @@ def test_daemon_runs_as_its_user_with_a_hardened_creator(
     broker, creator = status(b.pid), status(b.creator_pid)
     assert broker["Uid"].split() == [str(uid)] * 4
     assert int(broker["CapEff"], 16) == 0
-    assert creator["Uid"].split() == [str(uid)] * 4
+    # The creator has a user of its own: clients cannot spend its budget of
+    # descriptors in flight (the kernel charges the sender's user).
+    assert creator["Uid"].split() == [str(pwd.getpwnam(CREATOR_USER).pw_uid)] * 4
     assert creator["CapEff"] == "0000000000000400"
     assert creator["Seccomp"] == "2"
     st = os.stat(b.path)
@@ -494,9 +499,10 @@ ports = [53]
 def test_kernel_errors_pass_through(start_broker: Callable[..., BrokerProc]) -> None:
     b = start_broker()
     with Broker(b.path) as one:
-        one.request_socket("tcp", "127.0.0.1", 8000, backlog=1).close()
+        # ANY: the broker lets overlapping addresses share; the kernel says no
+        one.request_socket("tcp", "127.0.0.1", 8000, backlog=1, share="ANY").close()
         with pytest.raises(SocketRefusedError) as info:  # another key, the same port
-            one.request_socket("tcp", "0.0.0.0", 8000, backlog=1)
+            one.request_socket("tcp", "0.0.0.0", 8000, backlog=1, share="ANY")
         assert isinstance(info.value, OSError)
         assert (info.value.errno, info.value.reason) == (errno.EADDRINUSE, Reason.BIND)
     (denial,) = b.audit("deny")
@@ -651,7 +657,8 @@ def test_socket_file_mode_group_and_stale_socket(
         clients(BOB, b.path)  # not in the group: connect() fails
     # A second broker on a live socket refuses to start, leaving the first alone.
     argv = [sys.executable, "-m", "sockcreator.cli", "serve", "--socket", b.path,
-            "--policy", str(workdir / "policy.toml"), "--user", BROKER_USER]  # fmt: skip
+            "--policy", str(workdir / "policy.toml"), "--user", BROKER_USER,
+            "--creator-user", CREATOR_USER]  # fmt: skip
     second = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert second.returncode == 4, second.stderr
     assert "answering" in second.stderr
@@ -668,7 +675,8 @@ def test_unsafe_socket_paths_are_refused(workdir: Path, case: str) -> None:
     else:
         workdir.chmod(0o777)
     argv = [sys.executable, "-m", "sockcreator.cli", "serve", "--socket", str(path),
-            "--policy", str(workdir / "policy.toml"), "--user", BROKER_USER]  # fmt: skip
+            "--policy", str(workdir / "policy.toml"), "--user", BROKER_USER,
+            "--creator-user", CREATOR_USER]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert out.returncode == 4, out.stderr
     if case == "not a socket":
@@ -681,7 +689,7 @@ def test_event_loop_choice(workdir: Path) -> None:
     (workdir / "policy.toml").write_text(POLICY)
     path = workdir / "broker.sock"
     argv = ["serve", "--socket", str(path), "--policy", str(workdir / "policy.toml"),
-            "--user", BROKER_USER]  # fmt: skip
+            "--user", BROKER_USER, "--creator-user", CREATOR_USER]  # fmt: skip
     no_uvloop = (
         "import sys; sys.modules['uvloop'] = None  # import uvloop: ImportError\n"
         "from sockcreator.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -849,23 +857,38 @@ def _frames(s: socket.socket, count: int) -> list[Any]:
     return out
 
 
+@pytest.mark.parametrize("share", [ShareMode.ANY, ShareMode.NO])
 def test_pipelined_release_then_the_same_port_again(
-    start_broker: Callable[..., BrokerProc],
+    start_broker: Callable[..., BrokerProc], share: ShareMode
 ) -> None:
-    """Request, release and request again one NO socket, in one write: the
+    """Request, release and request again one UDP socket, in one write: the
     first grant's descriptor must still go out (the broker may not close the
     released socket before its G frame is sent), and the port must be free
-    again for the second request.  The answers come in order."""
-    from sockcreator._broker_protocol import Granted, Release, Released
+    again for the second request.  The answers come in order.  With NO the
+    client still holds the first socket when the second is made, and the
+    kernel refuses the co-bind (no SO_REUSEADDR: finding 4)."""
+    from sockcreator._broker_protocol import Denied, Granted, Release, Released
 
     b = start_broker()
     before = fd_count(b.pid)
     req = make_request("udp", "127.0.0.1", 8000)
     with _raw(b.path) as s:
-        s.sendall(HELLO + b"".join([SocketRequest(1, req).encode(), Release(2, 1).encode(),
-                                    SocketRequest(3, req).encode()]))  # fmt: skip
+        s.sendall(HELLO + b"".join([SocketRequest(1, req, share).encode(),
+                                    Release(2, 1).encode(),
+                                    SocketRequest(3, req, share).encode()]))  # fmt: skip
         _, first, released, second = _frames(s, 4)
-        assert isinstance(first, Granted) and isinstance(second, Granted)
+        assert isinstance(first, Granted)
+        if share is ShareMode.NO:
+            assert released == Released(2)
+            assert second == Denied(3, errno.EADDRINUSE, Reason.BIND)
+            os.close(first.fd)
+            wait_for(lambda: fd_count(b.pid) == before + 1, "the broker to close the socket")
+            s.sendall(SocketRequest(4, req, share).encode())
+            (third,) = _frames(s, 1)
+            assert isinstance(third, Granted), third
+            os.close(third.fd)
+            return
+        assert isinstance(second, Granted)
         assert (first.id, first.grant, released, second.id) == (1, 1, Released(2), 3)
         with socket.socket(fileno=first.fd) as a, socket.socket(fileno=second.fd) as c:
             assert a.getsockname() == c.getsockname() == ("127.0.0.1", 8000)
