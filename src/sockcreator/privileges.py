@@ -49,7 +49,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Credentials", "drop_privileges", "drop_to", "resolve_credentials"]
+__all__ = [
+    "Credentials",
+    "drop_privileges",
+    "drop_to",
+    "make_non_dumpable",
+    "resolve_credentials",
+]
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,8 @@ def _capability_sets(status: str = "/proc/thread-self/status") -> dict[str, int]
 class _Libc:
     """prctl and capset by ctypes: libc by soname (never ctypes.util.find_library)."""
 
+    PR_GET_DUMPABLE = 3
+    PR_SET_DUMPABLE = 4
     PR_CAPBSET_READ = 23
     PR_CAPBSET_DROP = 24
     PR_CAP_AMBIENT = 47
@@ -172,6 +180,18 @@ class _Libc:
         if self._libc.capset(header, data) != 0:
             e = c.get_errno()
             raise OSError(e, f"capset: {os.strerror(e)}")
+
+
+def make_non_dumpable() -> None:
+    """Linux: ``PR_SET_DUMPABLE`` 0, checked: no core dumps, and processes of
+    the same uid can neither ptrace this one nor open its ``/proc/PID`` files.
+    A later credential change resets it, so call it after the drop."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = _Libc()
+    libc.prctl(libc.PR_SET_DUMPABLE, 0, 0, 0, 0)
+    if libc.prctl(libc.PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise PermissionError("PR_SET_DUMPABLE 0 did not take")
 
 
 def _drop_capabilities(bounding: bool) -> None:
