@@ -111,7 +111,8 @@ def test_drop_to_a_user_by_name(alice: pwd.struct_passwd) -> None:
     assert r["ids"] == [[uid] * 3, [gid] * 3, groups]
     assert sorted(r["value"]["creds"]) == groups
     caps = r["value"]["caps"]
-    assert caps["CapEff"] == caps["CapPrm"] == caps["CapAmb"] == 0
+    assert caps["CapEff"] == caps["CapPrm"] == caps["CapAmb"] == caps["CapInh"] == 0
+    assert caps["CapBnd"] == 0  # dropped while still root
     # root cannot be regained, by any route
     assert set(r["value"]["attempts"].values()) == {errno.EPERM}
 
@@ -197,6 +198,63 @@ def test_kept_capabilities_fail_verification(alice: pwd.struct_passwd) -> None:
     r = in_child(keepcaps_then_drop)
     assert r["error"] == "PermissionError"
     assert "capabilities remain" in r["message"]
+
+
+CAP_NET_RAW = 13
+
+
+def _raise_inheritable(libc: Any, cap: int) -> None:
+    """Add ``cap`` to this thread's inheritable set (root has it in its permitted set)."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    data[2] |= 1 << cap
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+@requires_root
+def test_inheritable_and_bounding_sets_are_emptied(alice: pwd.struct_passwd) -> None:
+    """A caller's inheritable capability (setpriv --inh-caps) does not survive the drop."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+    def inheritable_then_drop() -> dict[str, Any]:
+        _raise_inheritable(libc, CAP_NET_RAW)
+        before = status_caps()["CapInh"]
+        return {"before": before, **after_drop(alice.pw_name)}
+
+    r = in_child(inheritable_then_drop)
+    assert r["value"]["before"] == 1 << CAP_NET_RAW
+    caps = r["value"]["caps"]
+    assert (caps["CapInh"], caps["CapBnd"], caps["CapAmb"], caps["CapPrm"]) == (0, 0, 0, 0)
+
+
+@requires_root
+def test_remaining_inheritable_capability_fails_verification(alice: pwd.struct_passwd) -> None:
+    """The check after the drop, on its own: ids changed by hand, CapInh left non-empty."""
+    from sockcreator import privileges
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    creds = resolve_credentials(alice.pw_name)
+
+    def change_ids_only_then_verify() -> None:
+        _raise_inheritable(libc, CAP_NET_RAW)
+        os.setgroups(list(creds.groups))
+        os.setresgid(creds.gid, creds.gid, creds.gid)
+        os.setresuid(creds.uid, creds.uid, creds.uid)
+        privileges._verify(creds)
+
+    r = in_child(change_ids_only_then_verify)
+    assert r["error"] == "PermissionError"
+    assert "capabilities remain" in r["message"] and "CapInh" in r["message"]
+
+
+@requires_root
+def test_root_target_keeps_its_bounding_set() -> None:
+    r = in_child(lambda: (drop_privileges(0, allow_root=True), status_caps())[1])
+    assert r["value"]["CapBnd"] == status_caps()["CapBnd"] != 0
+    assert r["value"]["CapInh"] == 0
 
 
 def test_unknown_user_and_group() -> None:

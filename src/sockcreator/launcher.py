@@ -24,6 +24,58 @@ Started as root, in this order:
    ``SOCKCREATOR_FD`` (the channel; :meth:`SocketCreator.from_environment`
    reads it).  ``HOME``, ``USER`` and ``LOGNAME`` become U's.
 
+From a terminal, one step comes first (below); without one (systemd, cron,
+a pipeline without a terminal) nothing else changes.
+
+From root's terminal
+--------------------
+A process in root's session whose controlling terminal is root's can type
+into root's shell (``TIOCSTI``) and read what root types; PROGRAM must be
+neither.  So when we are root, dropping to another uid, and a terminal is in
+reach -- one of descriptors 0-2 is a terminal, or we have a controlling
+terminal -- we fork before step 2:
+
+* The child calls ``setsid()``: a new session, with no controlling terminal.
+  TIOCSTI then fails (EPERM: the terminal is not the caller's controlling
+  one), ``/dev/tty`` fails (ENXIO), and no terminal signal reaches it
+  directly.  Still root, it replaces its terminal stdio: stdin becomes
+  /dev/null, a terminal stdout or stderr a new write-only open of the same
+  terminal (``/proc/self/fd/N``, ``O_WRONLY|O_NOCTTY``).  Output still shows,
+  but that descriptor cannot be read, and cannot make the terminal a
+  controlling one (the kernel wants read access); PROGRAM cannot open the
+  terminal itself (``/dev/pts/N`` is root's, 0620 or 0600).  This happens
+  at once, not just before the exec, so that the creator, which inherits
+  stderr, never holds a readable handle on the terminal either.  Then steps
+  2 to 6; ``LISTEN_PID`` is the child's pid: PROGRAM's.
+* The parent stays in root's session, in the foreground process group, as a
+  small signal relay: its 0-2 become /dev/null and everything else it
+  inherited is closed, so it holds no readable handle on the terminal.  It
+  forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGWINCH to
+  the child (through a pidfd: never to a reused pid) and exits with the
+  child's status, 128+N if signal N killed it, as a shell would; so Ctrl-C
+  still stops PROGRAM, and the exit statuses above are unchanged.  The
+  signals are blocked from before the fork until the relay's handlers are
+  in place, so none is lost.  Once the child has dropped (the relay sees EOF
+  on a close-on-exec pipe when PROGRAM starts, or the child exits) the relay
+  drops to U as well and makes itself non-dumpable: PROGRAM, the same uid,
+  may signal it but neither ptrace it nor read its /proc files.  It stays
+  root until then because a process of U's may not signal the child while
+  that is still root.
+
+"A terminal in reach", not only ``isatty``: ``run ... </dev/null >log 2>&1``
+from root's shell leaves no terminal on 0-2, yet PROGRAM, still in root's
+session, could open ``/dev/tty`` (mode 0666: it is the caller's controlling
+terminal) and type through it.
+
+Limits.  PROGRAM cannot read interactive input (stdin is /dev/null, it has
+no /dev/tty).  Job control reaches only the relay: Ctrl-Z stops the relay
+while PROGRAM runs on.  PROGRAM still writes to the terminal, so, as with any
+program whose output root watches, it can send escape sequences (some
+terminal emulators answer a few with input) and change the terminal's
+settings (termios ioctls need no read access).  A terminal that belongs to
+U (root by su or sudo in U's own terminal) U can open anyway.  A relay
+killed by SIGKILL forwards nothing: PROGRAM runs on in its own session.
+
 The creator is PROGRAM's child: when PROGRAM exits or dies it sees EOF, and
 PR_SET_PDEATHSIG kills it if it is not reading.
 
@@ -57,8 +109,9 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import NoReturn
 
 from . import policy
@@ -68,7 +121,7 @@ from ._protocol import Request
 from .activation import SD_LISTEN_FDS_START
 from .broker_client import ENV_BROKER_FD, SocketRefusedError, get_listen_sockets
 from .client import ENV_FD, SocketCreator
-from .privileges import Credentials, drop_to, resolve_credentials
+from .privileges import Credentials, drop_to, make_non_dumpable, resolve_credentials
 
 __all__ = [
     "EXIT_CANNOT_EXEC",
@@ -357,6 +410,8 @@ def _ensure_stdio() -> None:
 def launch(p: Plan) -> NoReturn:
     """Steps 2 to 6 (see the module doc); raises LaunchError before the exec."""
     environ = dict(os.environ)
+    if needs_relay(p):
+        _fork_relay(p)  # only the child returns: a new session, no terminal to read
     if p.broker is not None:
         _launch_with_broker(p, environ)
     creator = _start_creator(p)
@@ -373,6 +428,149 @@ def launch(p: Plan) -> NoReturn:
         _stop(creator)
         raise LaunchError(EXIT_SYSTEM, f"cannot drop privileges: {e}") from None
     _exec(p, environ, socks, creator.detach().detach(), ENV_FD)
+
+
+# --- From a terminal: a new session for PROGRAM, a signal relay in root's -------------------
+
+FORWARDED_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+    if hasattr(signal, name)
+)
+
+
+def _has_controlling_terminal() -> bool:
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # ENXIO: none (EIO: hung up)
+    os.close(fd)
+    return True
+
+
+def needs_relay(p: Plan) -> bool:
+    """Root dropping to another uid, with a terminal in reach: stdio or a controlling one."""
+    if os.geteuid() != 0 or p.creds.uid == 0:
+        return False
+    return any(os.isatty(fd) for fd in (0, 1, 2)) or _has_controlling_terminal()
+
+
+def _reopen_write_only(fd: int) -> int:
+    """A new, write-only open of the terminal at ``fd`` (close-on-exec), as root."""
+    flags = os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        return os.open(f"/proc/self/fd/{fd}", flags)
+    except FileNotFoundError:
+        return os.open(os.ttyname(fd), flags)  # no /proc
+
+
+def _detach_stdio_from_terminal() -> None:
+    """In the child: a terminal stdin becomes /dev/null, a terminal stdout or
+    stderr a write-only open of it (which cannot be read, nor made a
+    controlling terminal)."""
+    for fd in (0, 1, 2):
+        if not os.isatty(fd):
+            continue
+        try:
+            if fd == 0:
+                new = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            else:
+                new = _reopen_write_only(fd)
+            os.dup2(new, fd)  # inheritable
+            os.close(new)
+        except OSError as e:
+            raise LaunchError(
+                EXIT_SYSTEM, f"cannot detach descriptor {fd} from the terminal: {e}"
+            ) from None
+
+
+def _fork_relay(p: Plan) -> None:
+    """Fork; return in the child only, after setsid() and with stdio detached
+    from the terminal.  The parent becomes the relay and never returns."""
+    try:
+        ready_r, ready_w = os.pipe()  # both close-on-exec
+    except OSError as e:
+        raise LaunchError(EXIT_SYSTEM, f"cannot make a pipe: {e}") from None
+    # Blocked from before the fork until the relay's handlers are in place: a
+    # Ctrl-C meanwhile is delivered then, and forwarded.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    try:
+        child = os.fork()
+    except OSError as e:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(ready_r)
+        os.close(ready_w)
+        raise LaunchError(EXIT_SYSTEM, f"cannot fork: {e}") from None
+    if child == 0:
+        os.close(ready_r)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.setsid()  # cannot fail: a fresh child leads no process group
+        _detach_stdio_from_terminal()
+        # ready_w stays open, close-on-exec: the relay reads EOF when PROGRAM
+        # starts (or when we fail and exit, or place_fds reuses its number):
+        # every one of these comes after our own drop.
+        return
+    os.close(ready_w)
+    _relay(p, child, ready_r, old_mask)
+
+
+def _relay(p: Plan, child: int, ready: int, old_mask: Iterable[int]) -> NoReturn:
+    """The parent: forward terminal signals to ``child``; exit with its status."""
+    # A write-only handle, for our own error message only; then 0-2 become
+    # /dev/null and everything else we inherited is closed.
+    try:
+        err = _reopen_write_only(2) if os.isatty(2) else fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 3)
+    except OSError:
+        err = -1  # then a failure below goes unexplained, but still fails
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    try:
+        pidfd = os.pidfd_open(child)  # signals can never reach a reused pid
+    except (AttributeError, OSError):  # not Linux 5.3+
+        pidfd = -1
+    for fd in _open_fds():
+        if fd > 2 and fd not in (ready, err, pidfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the descriptor listdir used, closed by now
+
+    def send(sig: int) -> None:
+        try:
+            if pidfd >= 0:
+                signal.pidfd_send_signal(pidfd, sig)
+            else:
+                os.kill(child, sig)
+        except OSError:
+            pass  # gone already: its status is on its way
+
+    def forward(sig: int, _frame: FrameType | None) -> None:
+        send(sig)
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    os.read(ready, 1)  # EOF once the child has dropped (signals are forwarded meanwhile)
+    os.close(ready)
+    try:
+        drop_to(p.creds)
+        make_non_dumpable()
+    except (OSError, ValueError, LookupError) as e:
+        try:
+            os.write(err, f"{_PROG}: the relay cannot drop privileges ({e}): stopping\n".encode())
+        except OSError:
+            pass  # err is -1, or its reader is gone
+        send(signal.SIGKILL)
+        os.waitpid(child, 0)
+        os._exit(EXIT_SYSTEM)
+    if err >= 0:
+        os.close(err)
+    _, status = os.waitpid(child, 0)
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(code if code >= 0 else 128 - code)  # killed by a signal: 128+N, as a shell
 
 
 def _launch_with_broker(p: Plan, environ: dict[str, str]) -> NoReturn:
