@@ -2,8 +2,24 @@
 
 Requests from concurrent tasks are written in order under a lock and their
 answers are dispatched to futures in the same order by one reader task, so
-concurrent awaits pipeline.  A waiter cancelled before its answer arrives
-does not lose the socket: the reader closes it.
+concurrent awaits pipeline.
+
+Cancellation (or any failure) of a call leaves no descriptor behind,
+wherever it lands:
+
+- waiting for the write lock: nothing was queued, nothing is asked;
+- once queued, nothing in ``_submit`` suspends: the batch is written at once
+  or, if the channel does not take it all, by a writer task that finishes it
+  (holding the lock), so the stream never stays out of step because a caller
+  was cancelled;
+- waiting for answers: the sockets that have arrived are closed by the call,
+  its other futures are cancelled and the reader closes their sockets when
+  they arrive;
+- answered but not yet resumed (the socket set as the future's result, the
+  task cancelled before it ran again): the call closes it too.
+
+Only a writer task cancelled mid-batch (the loop shutting down) or a write
+error leaves the channel out of step; that is fatal (CreatorFatalError).
 """
 
 from __future__ import annotations
@@ -285,8 +301,8 @@ class AsyncSocketCreator:
         sock.close()
 
     def _dispatch(self, events: Sequence[Event | DescriptorLost]) -> None:
-        """Hand each answer to its waiter, in order; a cancelled waiter's
-        socket is closed, never lost."""
+        """Hand each answer to its waiter, in order; the socket of a waiter
+        already given up on (cancelled) is closed here."""
         for i, ev in enumerate(events):
             fut = self._waiters.popleft()
             if isinstance(ev, SocketReceived):
