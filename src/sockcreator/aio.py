@@ -327,7 +327,7 @@ class AsyncSocketCreator:
     async def _read_loop(self) -> None:
         assert self._sock is not None
         try:
-            while self._waiters or self._closing:
+            while (self._waiters or self._closing) and self._dead is None:
                 try:
                     data, fds = await self._recvmsg(self._sock, self._parser.bytes_wanted())
                 except asyncio.TimeoutError:

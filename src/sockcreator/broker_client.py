@@ -936,9 +936,10 @@ class AsyncBroker:
                 ) from None
 
     async def _read_loop(self) -> None:
-        sock = self._usable()
+        sock = self._sock
+        assert sock is not None
         try:
-            while self._waiters:
+            while self._waiters and self._dead is None:  # (a failed write: nothing to read)
                 data, fds = await self._recv(sock)
                 if not data:
                     close_fds(fds)

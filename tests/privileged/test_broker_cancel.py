@@ -19,7 +19,7 @@ from conftest import requires_linux, requires_root
 from test_broker import BrokerProc, start_broker, users, workdir  # noqa: F401 (fixtures)
 
 from sockcreator._protocol import Request
-from sockcreator.broker_client import AsyncBroker, _Waiter
+from sockcreator.broker_client import AsyncBroker, BrokerFatalError, _Waiter
 
 pytestmark = [requires_root, requires_linux, pytest.mark.root]
 
@@ -112,3 +112,35 @@ def test_cancelled_requests_lose_no_socket_and_keep_no_grant(
     assert report["dead"] is None, report  # never failed on the way
     assert not report["missing"], report
     assert all(report["hits"][w] for w in REQUIRED), report
+
+
+def test_close_with_requests_pending_leaves_the_loop_clean(
+    start_broker: Callable[..., BrokerProc],  # noqa: F811
+) -> None:
+    """close() while requests are pending (the reader waiting on the
+    connection): every pending call gets BrokerFatalError, close() itself
+    raises nothing, and the closed descriptor's number is usable again."""
+    b = start_broker()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        before = open_fds()
+        ab = await AsyncBroker(b.path).connect()
+        tasks = [loop.create_task(ab.request_socket("udp", "127.0.0.1", 0)) for _ in range(20)]
+        await asyncio.sleep(0)  # queued and sent, answers due
+        await ab.close()
+        for r in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(r, socket.socket):
+                r.close()  # answered before close(): the caller's
+            else:
+                assert isinstance(r, BrokerFatalError), r
+        assert open_fds() == before
+        x, y = socket.socketpair()  # probably the connection's old number
+        with x, y:
+            x.setblocking(False)
+            reading = loop.create_task(loop.sock_recv(x, 1))
+            await asyncio.sleep(0)
+            y.send(b"!")
+            assert await reading == b"!"
+
+    asyncio.run(main())
