@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import importlib.util
+import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -245,5 +246,39 @@ def test_descriptor_must_come_with_the_answers_data_byte(loop: str, how: str) ->
         assert isinstance(outcome, CreatorFatalError), outcome
         assert "descriptor" in str(outcome) and fatal == [outcome]
         await ch.terminate()  # reaps the killed creator
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("when", ["before the answer", "after the answer, before resuming"])
+def test_cancelled_get_loses_no_socket(loop: str, when: str) -> None:
+    """``get`` cancelled while its answer is due, or once the socket was set as
+    its future's result but before it resumed: the socket is closed."""
+
+    def fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    async def main() -> None:
+        ch = CreatorChannel(creator_argv(harden=False), timeout=10)
+        ch.start()
+        base = fds()
+        task = asyncio.get_running_loop().create_task(ch.get(make_request("udp", "127.0.0.1", 0)))
+        await asyncio.sleep(0)  # get() has queued its callback
+        if when == "before the answer":
+            task.cancel()
+        else:
+            inner = ch._waiters[-1]
+
+            def then_cancel(outcome: Outcome) -> None:
+                inner(outcome)  # sets the socket as the result
+                task.cancel()  # before the task resumes
+
+            ch._waiters[-1] = then_cancel
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        (await ch.get(make_request("udp", "127.0.0.1", 0))).close()  # answers in order
+        assert fds() == base
+        assert await ch.terminate() == 0
 
     run_on(loop, main)

@@ -132,7 +132,14 @@ class CreatorChannel:
                 fut.set_exception(outcome)
 
         self.request(request, done)
-        return await fut
+        try:
+            return await fut
+        except BaseException:
+            # Cancelled after ``done`` set the socket but before we resumed:
+            # nobody takes it either.
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                fut.result().close()
+            raise
 
     # Writing -----------------------------------------------------------------
 

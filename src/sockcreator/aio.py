@@ -2,8 +2,24 @@
 
 Requests from concurrent tasks are written in order under a lock and their
 answers are dispatched to futures in the same order by one reader task, so
-concurrent awaits pipeline.  A waiter cancelled before its answer arrives
-does not lose the socket: the reader closes it.
+concurrent awaits pipeline.
+
+Cancellation (or any failure) of a call leaves no descriptor behind,
+wherever it lands:
+
+- waiting for the write lock: nothing was queued, nothing is asked;
+- once queued, nothing in ``_submit`` suspends: the batch is written at once
+  or, if the channel does not take it all, by a writer task that finishes it
+  (holding the lock), so the stream never stays out of step because a caller
+  was cancelled;
+- waiting for answers: the sockets that have arrived are closed by the call,
+  its other futures are cancelled and the reader closes their sockets when
+  they arrive;
+- answered but not yet resumed (the socket set as the future's result, the
+  task cancelled before it ran again): the call closes it too.
+
+Only a writer task cancelled mid-batch (the loop shutting down) or a write
+error leaves the channel out of step; that is fatal (CreatorFatalError).
 """
 
 from __future__ import annotations
@@ -49,6 +65,16 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _abandon(futs: Iterable[asyncio.Future[socket.socket]]) -> None:
+    """A call gave up on ``futs``: close the sockets that have arrived; cancel
+    the rest, so that the reader closes theirs when they arrive."""
+    for f in futs:
+        if not f.done():
+            f.cancel()
+        elif not f.cancelled() and f.exception() is None:
+            f.result().close()
+
+
 class _ChannelClosed(Exception):
     """Wakes a task waiting on the channel when a fatal error closes it."""
 
@@ -86,7 +112,8 @@ class AsyncSocketCreator:
         self._proc: subprocess.Popen[bytes] | None = None
         self._parser = AnswerParser()
         self._waiters: collections.deque[asyncio.Future[socket.socket]] = collections.deque()
-        self._write_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()  # held by _submit, then by _write_rest if any
+        self._writer: asyncio.Task[None] | None = None  # finishing a batch's write
         self._reader: asyncio.Task[None] | None = None
         self._io_waits: set[asyncio.Future[None]] = set()  # tasks waiting on the channel
         self._closing = False
@@ -127,43 +154,87 @@ class AsyncSocketCreator:
         return (await self.get_sockets([(protocol, address, port)]))[0]
 
     async def get_sockets(self, requests: Iterable[RequestSpec]) -> list[socket.socket]:
-        """Pipelined, all or nothing (see the blocking client)."""
+        """Pipelined, all or nothing (see the blocking client).
+
+        Cancelled (or interrupted) anywhere, this call leaves nothing open:
+        the sockets that had arrived are closed here, the others by the
+        reader when they arrive; the creator stays usable."""
         reqs = normalize(requests)
         if not reqs:
             return []
-        futs = await self._submit(reqs)
-        results = await asyncio.gather(*futs, return_exceptions=True)
-        socks = [r for r in results if isinstance(r, socket.socket)]
-        for r in results:
-            if isinstance(r, BaseException):
-                for s in socks:
-                    s.close()
-                raise r
+        futs = await self._submit(reqs)  # cancelled there: nothing was queued
+        socks: list[socket.socket] = []
+        error: Exception | None = None
+        try:
+            # Answers come in order: once the first is here, the rest of a
+            # batch that came in the same read are done, and awaiting a done
+            # future does not suspend.
+            for f in futs:
+                try:
+                    socks.append(await f)
+                except Exception as e:  # the batch goes on: all or nothing below
+                    if error is None:
+                        error = e
+        except BaseException:
+            # Cancelled while waiting, or after an answer was set but before
+            # we resumed: close what came, and let the reader close the rest.
+            _abandon(futs)
+            raise
+        if error is not None:
+            for s in socks:
+                s.close()
+            raise error
         return socks
 
     async def _submit(self, reqs: list[Request]) -> list[asyncio.Future[socket.socket]]:
+        """Queue ``reqs`` and write them.  Cancellation lands only while waiting
+        for the lock, before anything is queued: the rest is synchronous, and a
+        write the channel does not take at once is finished by a writer task
+        (so a cancelled caller never leaves half a request in the stream)."""
         loop = asyncio.get_running_loop()
-        async with self._write_lock:
+        await self._write_lock.acquire()
+        try:
             sock = self._usable()
-            futs = [loop.create_future() for _ in reqs]
-            for r, f in zip(reqs, futs, strict=True):
-                self._parser.expect(r)
-                self._waiters.append(f)
-            # Read while we write: a batch larger than the socket buffers
-            # would otherwise deadlock against a creator blocked on answers.
-            self._ensure_reader()
-            try:
-                await self._sendall(sock, b"".join(r.encode() for r in reqs))
-            except BaseException as e:
-                # Out of step now.  ``_fail`` gives every waiter, ours too, the
-                # CreatorFatalError, so the caller's gather raises that.
-                if not isinstance(e, Exception):  # cancelled mid-write
-                    for f in futs:
-                        f.cancel()
-                await self._fail(f"cannot write to the creator: {e!r}")
-                if not isinstance(e, Exception):
-                    raise
+        except BaseException:
+            self._write_lock.release()
+            raise
+        futs = [loop.create_future() for _ in reqs]
+        for r, f in zip(reqs, futs, strict=True):
+            self._parser.expect(r)
+            self._waiters.append(f)
+        # Read while we write: a batch larger than the socket buffers
+        # would otherwise deadlock against a creator blocked on answers.
+        self._ensure_reader()
+        data = b"".join(r.encode() for r in reqs)
+        try:
+            n = sock.send(data, SEND_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as e:
+            n = -1
+            self._write_lock.release()
+            # Every waiter, ours too, gets the CreatorFatalError from _fail.
+            self._start_failure(f"cannot write to the creator: {e!r}")
+        if 0 <= n < len(data):
+            self._writer = loop.create_task(self._write_rest(sock, data[n:]))
+        elif n == len(data):
+            self._write_lock.release()
         return futs
+
+    async def _write_rest(self, sock: socket.socket, data: bytes) -> None:
+        """Finish a batch's write, holding the write lock (released here)."""
+        try:
+            await self._sendall(sock, data)
+        except _ChannelClosed:
+            pass  # a fatal error elsewhere closed the channel and handles the rest
+        except Exception as e:  # OSError, or TimeoutError: the creator takes nothing
+            await self._fail(f"cannot write to the creator: {e!r}")
+        except BaseException as e:  # cancelled (loop closing): out of step now
+            await self._fail(f"writer stopped mid-request: {e!r}")
+            raise
+        finally:
+            self._writer = None
+            self._write_lock.release()
 
     def _usable(self) -> socket.socket:
         if self._dead is not None:
@@ -230,8 +301,8 @@ class AsyncSocketCreator:
         sock.close()
 
     def _dispatch(self, events: Sequence[Event | DescriptorLost]) -> None:
-        """Hand each answer to its waiter, in order; a cancelled waiter's
-        socket is closed, never lost."""
+        """Hand each answer to its waiter, in order; the socket of a waiter
+        already given up on (cancelled) is closed here."""
         for i, ev in enumerate(events):
             fut = self._waiters.popleft()
             if isinstance(ev, SocketReceived):
@@ -256,7 +327,7 @@ class AsyncSocketCreator:
     async def _read_loop(self) -> None:
         assert self._sock is not None
         try:
-            while self._waiters or self._closing:
+            while (self._waiters or self._closing) and self._dead is None:
                 try:
                     data, fds = await self._recvmsg(self._sock, self._parser.bytes_wanted())
                 except asyncio.TimeoutError:
@@ -294,13 +365,19 @@ class AsyncSocketCreator:
         """Close the channel, kill and reap the creator; every waiter gets the
         CreatorFatalError.  Only the first call's reason counts; every call
         returns once that is done."""
+        return await asyncio.shield(self._start_failure(reason, condition))
+
+    def _start_failure(
+        self, reason: str, condition: str | None = None
+    ) -> asyncio.Task[CreatorFatalError]:
+        """The synchronous part of :meth:`_fail`: the channel is closed at once."""
         if self._failure is None:
             self._dead = reason
             self._close_channel()
             self._failure = asyncio.get_running_loop().create_task(
                 self._finish_failure(reason, condition)
             )
-        return await asyncio.shield(self._failure)
+        return self._failure
 
     async def _finish_failure(self, reason: str, condition: str | None) -> CreatorFatalError:
         status = await self._reap(min(1.0, self._timeout))
