@@ -214,7 +214,9 @@ def _bind_in(dir_fd: int, where: str, name: str, mode: int, gid: int | None) -> 
     _check_stale(dir_fd, name, shown)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        old = os.umask(0o777 & ~mode)  # the kernel makes the node 0777 & ~umask
+        # The kernel makes the node 0777 & ~umask (a default ACL may then
+        # take bits away: checked below).
+        old = os.umask(0o777 & ~mode)
         try:
             sock.bind(f"{here}/{tmp}")
         finally:

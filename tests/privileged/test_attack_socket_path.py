@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -191,6 +192,22 @@ def test_the_walk(arena: Arena) -> None:
     (arena.real / "precious").write_text("x")
     with pytest.raises(SocketPathError, match="exists and is not a socket"):
         create_socket_file(str(arena.real / "precious"), 0o600)
+    # A default ACL can take bits the umask left (the kernel applies the
+    # umask for sockets, then the ACL): the mode is checked, not trusted.
+    acl = arena.real / "acl"
+    acl.mkdir()
+    entries = [(0x01, 7), (0x04, 7), (0x20, 0)]  # user::rwx group::rwx other::---
+    value = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries
+    )
+    try:
+        os.setxattr(acl, "system.posix_acl_default", value)
+    except OSError:
+        pass  # no ACLs on this file system
+    else:
+        with pytest.raises(SocketPathError, match="default ACL"):
+            create_socket_file(str(acl / "s"), 0o666)
+        assert os.listdir(acl) == [], "the temporary name left behind"
     assert fd_count() == before, "a descriptor left open"
     with create_socket_file(str(top / "rel" / "s"), 0o640) as f:
         assert fd_count() == before + 2  # the socket and its directory
