@@ -211,6 +211,8 @@ def _bind_in(dir_fd: int, where: str, name: str, mode: int, gid: int | None) -> 
     here = f"/proc/self/fd/{dir_fd}"
     if len(os.fsencode(f"{here}/{name}")) > _SUN_PATH_MAX:
         raise SocketPathError(f"{shown}: the name {name!r} is too long for a Unix socket")
+    if not os.path.isdir(here):
+        raise SocketPathError(f"{shown}: {here} is missing (is /proc mounted?)")
     _check_stale(dir_fd, name, shown)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
