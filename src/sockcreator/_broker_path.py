@@ -120,10 +120,14 @@ def open_directory(directory: str) -> tuple[int, str]:
                 while len(stack) > 1:
                     os.close(stack.pop()[0])
             todo.extend(target.split("/")[::-1])
-        return stack.pop()
+        final, where = stack.pop()
     finally:
         for fd, _ in stack:
             os.close(fd)
+    try:  # at the lowest free number: leave no hole where the walk's were
+        return os.dup(final), where  # close-on-exec, as Python's always are
+    finally:
+        os.close(final)
 
 
 class SocketFile:
