@@ -285,13 +285,19 @@ def test_race_alice_flips_the_directory_and_swaps_in_a_symlink(arena: Arena) -> 
     started_at = time.monotonic()
     attempts = 0
     try:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while not x.is_symlink():
             assert flipper.poll() is None and time.monotonic() < deadline, "no flipper"
             time.sleep(0.01)
-        while attempts < ATTEMPTS and time.monotonic() - started_at < RACE_BUDGET:
+        # At least 40 attempts; more, up to ATTEMPTS, while the time budget lasts.
+        while attempts < 40 or (
+            attempts < ATTEMPTS and time.monotonic() - started_at < RACE_BUDGET
+        ):
             attempts += 1
-            assert flipper.poll() is None and swapper.poll() is None, "the attacker died"
+            for p in (flipper, swapper):
+                if p.poll() is not None:
+                    err = p.stderr.read() if p.stderr else b""
+                    raise AssertionError(f"the attacker died: {err!r}")
             real_sock = arena.real / "broker.sock"
             if real_sock.exists():
                 real_sock.unlink()
@@ -310,7 +316,7 @@ def test_race_alice_flips_the_directory_and_swaps_in_a_symlink(arena: Arena) -> 
                 os.chown(arena.victim, victim_before.st_uid, victim_before.st_gid)
             if started:
                 kind = "bound"
-                start = json.loads(next(x for x in log.splitlines() if '"start"' in x))
+                start = json.loads(next(ln for ln in log.splitlines() if '"start"' in ln))
                 assert status == 0, log
                 # bound in the real directory: a socket there that is no one else's
                 sock = os.lstat(real_sock) if real_sock.is_socket() else None
@@ -327,9 +333,8 @@ def test_race_alice_flips_the_directory_and_swaps_in_a_symlink(arena: Arena) -> 
         for p in (flipper, swapper):
             p.kill()
             p.wait()
-    elapsed = time.monotonic() - started_at
-    print(f"{attempts} attempts in {elapsed:.1f} s: {outcomes}; failures: {failures}")
-    assert attempts >= 40, f"only {attempts} attempts in {RACE_BUDGET} s"
+        elapsed = time.monotonic() - started_at
+        print(f"{attempts} attempts in {elapsed:.1f} s: {outcomes}; failures: {failures}")
     assert not failures, "\n".join(failures)
     st = os.stat(arena.victim)
     assert (st.st_mode, st.st_uid, st.st_gid) == (
