@@ -17,11 +17,20 @@ Started as root, in this order:
    in flight to the sender's user, and clients can make the broker's sends
    wait (see "Descriptors in flight" in :mod:`._broker_server`), so the
    creator must not share U's budget.
-3. Create the listening socket at PATH safely: bound under a temporary name
-   in the same directory with umask 0177, then chown/chmod, listen, and
-   rename over PATH.  The directory and every ancestor must be owned by root
-   (or us) and not writable by others unless sticky.  An existing PATH is
-   replaced only if it is a socket nobody answers on.
+3. Create the listening socket at PATH safely, following no symlink that
+   anyone but root controls.  PATH's directory is reached by walking it from
+   ``/`` one component at a time with ``O_PATH|O_NOFOLLOW`` descriptors: each
+   directory entered must be owned by root (or us) and not writable by
+   others unless sticky; a symlink is followed only if root owns it (so it
+   sits in a directory that passed: nobody else can replace it), its target
+   walked the same way; anyone else's symlink is refused (exit 4).  All the
+   rest goes through the final directory's descriptor, never the path: an
+   existing PATH is replaced only if it is a socket nobody answers on; the
+   socket is bound under a temporary name there (via ``/proc/self/fd/N``)
+   with its mode set by the umask at bind time (no chmod), chowned to the
+   group without following links, set listening, and renamed over PATH.  At
+   stop the broker removes PATH through the same descriptor if the inode is
+   still its own.
 4. Drop privileges to U for good (:func:`~.privileges.drop_privileges`).
 5. Serve, in one asyncio process (:mod:`._broker_server`): a reader
    callback per connection, every read and write bounded and, while a frame
@@ -73,7 +82,7 @@ from typing import Any, NoReturn
 
 from ._broker_audit import describe
 from ._broker_creator import CreatorChannel
-from ._broker_path import SocketPathError, bind_unix_socket
+from ._broker_path import SocketFile, SocketPathError, bind_unix_socket, create_socket_file
 from ._broker_server import BrokerConfig, BrokerServer, Peer, peer_credentials
 from ._broker_table import shareable
 from ._channel import creator_argv
@@ -92,9 +101,11 @@ __all__ = [
     "BrokerServer",
     "CreatorChannel",
     "Peer",
+    "SocketFile",
     "SocketPathError",
     "bind_unix_socket",
     "build_parser",
+    "create_socket_file",
     "main",
     "peer_credentials",
     "shareable",
@@ -223,11 +234,11 @@ async def _run(
     try:
         gid = grp.getgrnam(args.group).gr_gid if args.group else None
         try:
-            listener = bind_unix_socket(args.socket, args.mode, gid)
-            inode = os.lstat(args.socket).st_ino
+            socket_file = create_socket_file(args.socket, args.mode, gid)
         except (SocketPathError, OSError) as e:
             return _fail(EXIT_SOCKET, str(e))
-        with listener:
+        with socket_file:  # closes the socket and its directory's descriptor
+            listener = socket_file.socket
             if root:
                 try:
                     drop_privileges(args.user)
@@ -255,11 +266,9 @@ async def _run(
             status = await server.serve()
             server.audit.log("stop", status=status)
             server.audit.flush()
-            try:  # ours still? (needs write access to the directory: may fail)
-                if os.lstat(args.socket).st_ino == inode:
-                    os.unlink(args.socket)
-            except OSError:
-                pass
+            # Ours still?  Through the directory's descriptor, following
+            # nothing; needs write access to it, which went with root: may fail.
+            socket_file.unlink_if_ours()
             return status
     finally:
         await creator.terminate()
