@@ -8,8 +8,8 @@
 
 Started as root, in this order:
 
-1. Load the policy file (:mod:`sockcreator.broker_policy`), resolve U and
-   the groups, and check PATH's directory -- before anything is started.
+1. Load the policy file (:mod:`sockcreator.broker_policy`), resolve U, C
+   and the groups -- before anything is started.
 2. Start the hardened creator (dropping to C, keeping only
    CAP_NET_BIND_SERVICE) with the union of the policy as its allow-list: the
    creator fences in everything, the broker checks each user exactly.  C
