@@ -74,6 +74,7 @@ def run_argv(user: str, program: list[str], *opts: str) -> list[str]:
 
 
 BROKER_USER = "sockc-broker"
+CREATOR_USER = "sockc-creator"
 BROKER_POLICY = f"""
 [[allow]]
 users = ["{TEST_USERS[0]}"]
@@ -87,12 +88,14 @@ ports = [80]
 def broker(shared: Path) -> Iterator[str]:
     """A broker (``sockcreator serve``, as its own user, in a fresh netns); its socket path."""
     ensure_user(BROKER_USER)
+    ensure_user(CREATOR_USER)
     d = shared / "broker"
     d.mkdir(mode=0o755)
     (d / "policy.toml").write_text(BROKER_POLICY)
     path, log = str(d / "broker.sock"), d / "broker.log"
     argv = [sys.executable, "-m", "sockcreator.cli", "serve", "--socket", path]
     argv += ["--policy", str(d / "policy.toml"), "--user", BROKER_USER]
+    argv += ["--creator-user", CREATOR_USER]
     with open(log, "wb") as out:
         proc = subprocess.Popen(netns_argv(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     try:

@@ -39,6 +39,7 @@ pytestmark = [requires_root, requires_linux, pytest.mark.root]
 
 ALICE = TEST_USERS[0]
 BROKER_USER = "sockc-broker"
+CREATOR_USER = "sockc-creator"
 POLICY = f"""
 [[allow]]
 users = ["root", "{ALICE}"]
@@ -64,6 +65,7 @@ class Arena:
 def arena() -> Iterator[Arena]:
     alice = ensure_user(ALICE)
     ensure_user(BROKER_USER)
+    ensure_user(CREATOR_USER)
     top = Path(tempfile.mkdtemp(prefix="sockc-pathsafe-", dir="/tmp"))
     top.chmod(0o755)
     base = top / "spool"
@@ -104,7 +106,8 @@ def _as(user: pwd.struct_passwd, argv: list[str]) -> subprocess.Popen[bytes]:
 
 def _serve(socket_path: str, policy: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "sockcreator.cli", "serve", "--socket", socket_path,
-            "--policy", str(policy), "--user", BROKER_USER, *extra]  # fmt: skip
+            "--policy", str(policy), "--user", BROKER_USER,
+            "--creator-user", CREATOR_USER, *extra]  # fmt: skip
 
 
 def _run_broker(argv: list[str], log: Path) -> tuple[int, str, bool]:
