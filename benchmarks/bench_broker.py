@@ -106,10 +106,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sockcreator._broker_protocol import Hello, ShareMode, SocketRequest
-from sockcreator._broker_server import peer_credentials
-from sockcreator._protocol import make_request
-from sockcreator.broker_client import Broker
+from sockcreator.broker._protocol import Hello, ShareMode, SocketRequest
+from sockcreator.broker._server import peer_credentials
+from sockcreator.broker.client import Broker
+from sockcreator.client._protocol import make_request
 
 UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
 IP = shutil.which("ip") or "/usr/sbin/ip"

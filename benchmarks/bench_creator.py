@@ -40,7 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sockcreator import AsyncSocketCreator, SocketCreator
-from sockcreator._channel import CREATOR_PATH, creator_argv, reap, spawn
+from sockcreator.client._channel import CREATOR_PATH, creator_argv, reap, spawn
 
 HOST = "127.0.0.1"
 REQUEST = b"ST4" + (0).to_bytes(2, "big") + socket.inet_aton(HOST)  # 'S' TCP v4 port 0

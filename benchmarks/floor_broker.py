@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from sockcreator._broker_protocol import grant_suffix
-from sockcreator._channel import creator_argv, spawn
+from sockcreator.broker._protocol import grant_suffix
+from sockcreator.client._channel import creator_argv, spawn
 
 _HELLO_REPLY = b"H\x00\x07" + struct.pack("!BIH", 1, 1 << 20, 1024)
 _G_HEAD = struct.Struct("!cHIQ")

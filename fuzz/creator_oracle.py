@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sockcreator._channel import CREATOR_PATH
+from sockcreator.client._channel import CREATOR_PATH
 
 __all__ = [
     "CONFIGS",
@@ -80,9 +80,9 @@ class InvariantViolation(AssertionError):
 def _policy_allows(kind: str, family: int, addr: bytes, port: int, flags: int = 0) -> bool:
     """The policy, with the creator's IPv4 rule for IPv6 sockets that take
     IPv4 traffic: a mapped address, or :: with V6ONLY off (flag 2)."""
-    if family == 6 and (addr[:12] == bytes(10) + b"\xff\xff" or (flags & 2 and not any(addr))):
-        if not _policy_allows(kind, 4, addr[12:], port):
-            return False
+    takes_ipv4 = addr[:12] == bytes(10) + b"\xff\xff" or (flags & 2 and not any(addr))
+    if family == 6 and takes_ipv4 and not _policy_allows(kind, 4, addr[12:], port):
+        return False
     v4 = family == 4
     if kind == "tcp" and v4 and addr == bytes([127, 0, 0, 1]) and 1 <= port <= 1024:
         return True

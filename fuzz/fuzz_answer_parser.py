@@ -34,7 +34,7 @@ import atheris
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 with atheris.instrument_imports(include=["sockcreator"]):
-    from sockcreator._protocol import (
+    from sockcreator.client._protocol import (
         AnswerParser,
         CreationFailed,
         ProtocolViolation,

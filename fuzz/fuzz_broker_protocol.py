@@ -43,7 +43,7 @@ import atheris
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 with atheris.instrument_imports(include=["sockcreator"]):
-    from sockcreator._broker_protocol import (
+    from sockcreator.broker._protocol import (
         MAX_BODY,
         AnswerDecoder,
         BrokerProtocolError,
@@ -63,7 +63,7 @@ with atheris.instrument_imports(include=["sockcreator"]):
         StatusEntry,
         StatusQuery,
     )
-    from sockcreator._protocol import SocketOptions, make_request
+    from sockcreator.client._protocol import SocketOptions, make_request
 
 _ADDRS = [ipaddress.ip_address(a) for a in ("127.0.0.1", "0.0.0.0", "::1", "::")]
 
@@ -262,7 +262,7 @@ def replay_coverage(paths: list[str]) -> None:
 
     from _linecov import replay
 
-    import sockcreator._broker_protocol as bp
+    import sockcreator.broker._protocol as bp
 
     functions = [
         *vars(bp.RequestDecoder).values(),

@@ -47,7 +47,8 @@ from soak_creator import (  # the same sampling and verdict (soak/ is on sys.pat
     rss_kib,
 )
 
-from sockcreator.broker_client import AsyncBroker, SocketRefusedError
+from sockcreator.broker.aio import AsyncBroker
+from sockcreator.broker.client import SocketRefusedError
 
 BROKER_USER = "sockc-broker"
 CREATOR_USER = "sockc-creator"  # the creator's own user (docs/security.md)

@@ -2,7 +2,7 @@
 life, and recording which moment each cancellation hit.
 
 Shared by tests/test_aio_cancel.py (AsyncSocketCreator) and
-tests/privileged/test_broker_cancel.py (AsyncBroker).  A client subclass
+tests/broker/test_broker_cancel.py (AsyncBroker).  A client subclass
 records, per task, the futures its call queued (by overriding the method
 that queues them and hands them back: ``_submit`` or ``_queue``); the state
 of a call when it is cancelled is read from real state:

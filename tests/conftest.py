@@ -17,7 +17,7 @@ from typing import Union
 
 import pytest
 
-from sockcreator._channel import CREATOR_PATH
+from sockcreator.client._channel import CREATOR_PATH
 
 IS_ROOT = os.geteuid() == 0
 UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"

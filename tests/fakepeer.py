@@ -47,7 +47,7 @@ import threading
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
-from sockcreator._protocol import INT, Request, make_request
+from sockcreator.client._protocol import INT, Request, make_request
 
 __all__ = ["FakePeer", "PeerIO", "fake_creator_command", "parse_request"]
 

@@ -23,7 +23,7 @@ SIGINT to the client group  does not reach the creator (own process group)
 SIGTERM / SIGHUP            to the creator: CreatorFatalError with -15 / -1
 broken pipes                client->creator (EPIPE: fatal, not a crash),
                             creator->client (exit 11 or 10, no traceback)
-parent dies before          tests/privileged/test_hardening.py::
+parent dies before          tests/creator/test_hardening.py::
 PDEATHSIG                   test_creator_whose_parent_died_before_pdeathsig_never_serves
 the broker (root)           a client killed -9 (its grants released, its ports
                             free for others), the broker killed -9 (its
@@ -909,9 +909,9 @@ def test_creator_writing_to_a_gone_client_exits_cleanly(
 
 def test_parent_death_before_pdeathsig_is_covered_elsewhere() -> None:
     """Pointer, so the matrix is complete in one file: the deterministic case
-    lives in tests/privileged/test_hardening.py."""
+    lives in tests/creator/test_hardening.py."""
     here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "privileged", "test_hardening.py")) as f:
+    with open(os.path.join(here, "creator", "test_hardening.py")) as f:
         text = f.read()
     assert "def test_creator_whose_parent_died_before_pdeathsig_never_serves" in text
 
@@ -922,7 +922,7 @@ def test_parent_death_before_pdeathsig_is_covered_elsewhere() -> None:
 # to the user sockc-broker; its clients here are root, which the policy allows.
 # =====================================================================================
 
-from sockcreator._broker_protocol import (  # noqa: E402 (the broker section)
+from sockcreator.broker._protocol import (  # noqa: E402 (the broker section)
     AnswerDecoder,
     Fatal,
     FatalCode,
@@ -930,8 +930,8 @@ from sockcreator._broker_protocol import (  # noqa: E402 (the broker section)
     Hello,
     SocketRequest,
 )
-from sockcreator._protocol import make_request  # noqa: E402
-from sockcreator.broker_client import Broker, BrokerFatalError  # noqa: E402
+from sockcreator.broker.client import Broker, BrokerFatalError  # noqa: E402
+from sockcreator.client._protocol import make_request  # noqa: E402
 
 BROKER_USER = "sockc-broker"
 CREATOR_USER = "sockc-creator"  # the creator's own user (docs/security.md)
@@ -1036,9 +1036,9 @@ def _broker_fds_settle(b: BrokerUnderTest, want: int) -> None:
 
 _BROKER_CLIENT = """
 import os, sys, time
-from sockcreator.broker_client import Broker
-from sockcreator._broker_protocol import SocketRequest
-from sockcreator._protocol import make_request
+from sockcreator.broker.client import Broker
+from sockcreator.broker._protocol import SocketRequest
+from sockcreator.client._protocol import make_request
 b = Broker(sys.argv[1])
 held = [b.request_socket("udp", "127.0.0.1", 8001), b.request_socket("tcp", "::1", 8002, backlog=4)]
 if sys.argv[2] == "mid-request":

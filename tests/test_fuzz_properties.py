@@ -48,7 +48,7 @@ from sockcreator import (
     SocketCreationError,
     SocketCreator,
 )
-from sockcreator._protocol import (
+from sockcreator.client._protocol import (
     AnswerParser,
     CreationFailed,
     ProtocolViolation,
@@ -516,7 +516,7 @@ _broker_addr = st.sampled_from(["127.0.0.1", "::1", "0.0.0.0", "192.0.2.1"])
 
 @st.composite
 def _broker_frame(draw: st.DrawFn) -> bytes:
-    from sockcreator._broker_protocol import (
+    from sockcreator.broker._protocol import (
         Hello,
         Release,
         ShareMode,
@@ -565,8 +565,8 @@ def test_real_broker_on_generated_frames(
     serves the next client, and is back to its descriptor count."""
     from test_faults import _read_frames, wait_for
 
-    from sockcreator._broker_protocol import Fatal
-    from sockcreator.broker_client import Broker
+    from sockcreator.broker._protocol import Fatal
+    from sockcreator.broker.client import Broker
 
     b = live_broker
     baseline = fd_count(b.pid)

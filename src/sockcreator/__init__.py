@@ -5,11 +5,12 @@ bind ports below 1024 and hands bound sockets over a Unix socket; everything
 else runs unprivileged.  See README.md.
 """
 
-from ._errors import CreatorError, CreatorFatalError, SocketCreationError
-from ._protocol import Request, SocketOptions, make_request
-from .aio import AsyncSocketCreator
-from .broker_client import AsyncBroker, Broker, BrokerFatalError, SocketRefusedError
-from .client import SocketCreator
+from .broker.aio import AsyncBroker
+from .broker.client import Broker, BrokerFatalError, SocketRefusedError
+from .client._errors import CreatorError, CreatorFatalError, SocketCreationError
+from .client._protocol import Request, SocketOptions, make_request
+from .client.aio import AsyncSocketCreator
+from .client.blocking import SocketCreator
 
 __all__ = [
     "AsyncBroker",

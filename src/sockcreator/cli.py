@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ._channel import CREATOR_PATH
+from .client._channel import CREATOR_PATH
 
 __all__ = ["main"]
 
@@ -21,9 +21,9 @@ def _creator(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     """Start a creator, ask it for sockets, and say what happened."""
-    from ._errors import CreatorError
-    from .client import SocketCreator
-    from .policy import parse_listen
+    from .client._errors import CreatorError
+    from .client.blocking import SocketCreator
+    from .client.specs import parse_listen
 
     specs = args.spec or ["tcp:127.0.0.1:0", "udp:[::1]:0"]
     try:
@@ -82,14 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", help="run the creator as this user (when root)")
     p.set_defaults(func=_check)
 
-    # Listed here for --help; main() hands its arguments to launcher.main,
+    # Listed here for --help; main() hands its arguments to run.launcher.main,
     # which has its own parser (options before PROGRAM, exit status 100).
     sub.add_parser(
         "run",
         help="exec PROGRAM as a user, with privileged sockets (see 'run --help')",
         add_help=False,
     )
-    # Likewise: broker.main and broker.status_main parse their own arguments.
+    # Likewise: broker.serve.main and .status_main parse their own arguments.
     sub.add_parser("serve", help="run the socket broker (see 'serve --help')", add_help=False)
     sub.add_parser("status", help="list the broker's held sockets", add_help=False)
     return parser
@@ -98,13 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:
-        from .launcher import main as run_main
+        from .run.launcher import main as run_main
 
         return run_main(argv[1:])
     if argv[:1] in (["serve"], ["status"]):
-        from . import broker
+        from .broker import serve
 
-        return (broker.main if argv[0] == "serve" else broker.status_main)(argv[1:])
+        return (serve.main if argv[0] == "serve" else serve.status_main)(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "creator" and args.creator_args[:1] == ["--"]:
         args.creator_args = args.creator_args[1:]

@@ -1,0 +1,526 @@
+"""One client of the broker: its input, its answers in order, its grants and
+its end (see :mod:`._server` for the whole).
+
+Size: one class, the connection's state machine; its input, output,
+requests and ending share its slots and are read together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import socket
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from ._audit import json_text
+from ._protocol import (
+    BrokerProtocolError,
+    ClientMessage,
+    Denied,
+    Fatal,
+    FatalCode,
+    Hello,
+    Reason,
+    Release,
+    RequestDecoder,
+    SocketRequest,
+    StatusEnd,
+    StatusEntry,
+    StatusQuery,
+    grant_frame,
+)
+from ._shared import (
+    _ERRNAME,
+    _ERRNO,
+    _K,
+    _NOBODY,
+    _POLICY_CACHE,
+    _POLL,
+    _RECV,
+    Peer,
+    _Made,
+    _unread,
+    _Wanted,
+    _what,
+    peer_credentials,
+)
+from ._table import Grant
+from .policy import PeerPolicy
+
+if TYPE_CHECKING:
+    from ._server import BrokerServer
+
+__all__: list[str] = []
+
+# --- one client -------------------------------------------------------------------
+
+
+_Out = tuple[bytes, "_Made | None"]  # a frame (or frames), and the socket it carries
+
+
+class _Connection:
+    """One client: see the module doc.  Answers are in request order; while
+    a request waits for its socket, a status answer is being produced, or
+    answers wait for the client to read them, later frames queue up."""
+
+    __slots__ = (
+        "allowed",
+        "closed",
+        "counted",
+        "decoder",
+        "eof",
+        "fd",
+        "held_back",
+        "in_timer",
+        "inflight",
+        "inq",
+        "number",
+        "out",
+        "out_timer",
+        "partial",
+        "peer",
+        "policy",
+        "poll_timer",
+        "queued",
+        "reading",
+        "server",
+        "sock",
+        "status",
+        "waiting",
+        "watching",
+        "who",
+        "writing",
+    )  # fmt: skip
+
+    def __init__(self, server: BrokerServer, sock: socket.socket, number: int) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.number = number
+        self.peer = _NOBODY
+        self.who = f'"uid":0,"gid":0,"pid":0,"conn":{number}'  # the audit's "who" fields
+        self.policy = PeerPolicy(())
+        self.allowed: dict[_Wanted, bool] = {}  # this peer's policy decisions
+        self.counted = False
+        self.decoder = RequestDecoder()
+        self.inq: collections.deque[ClientMessage] = collections.deque()  # not handled yet
+        self.out: collections.deque[_Out] = collections.deque()  # not sent yet
+        self.partial = False  # out[0] is the rest of a frame partly sent
+        self.queued = False  # in the server's list for this turn's flush
+        self.waiting: tuple[SocketRequest, _Wanted, Grant] | None = None
+        self.status: Iterator[bytes] | None = None
+        self.reading = False
+        self.writing = False  # output is blocked: the client is not reading
+        self.watching = False  # a writer callback is registered (the buffer is full)
+        self.held_back = False  # was held back for unread descriptors (logged once)
+        self.inflight = 0  # descriptors sent since the client was last seen to have read all
+        self.poll_timer: asyncio.TimerHandle | None = None
+        self.eof = False
+        self.closed = False
+        self.in_timer: asyncio.TimerHandle | None = None
+        self.out_timer: asyncio.TimerHandle | None = None
+
+    # Setting up --------------------------------------------------------------
+
+    def start(self) -> None:
+        server, cfg = self.server, self.server.config
+        server.connections.add(self)
+        try:
+            self.sock.setblocking(False)
+            p = self.peer = peer_credentials(self.sock)
+        except OSError as e:  # the kernel refusing SO_PEERCRED: this one only
+            self._error("INTERNAL", f"{type(e).__name__}: {e}"[:200])
+            self.close()
+            return
+        self.who = f'"uid":{p.uid},"gid":{p.gid},"pid":{p.pid},"conn":{self.number}'
+        if len(server.connections) + len(server.draining) > cfg.max_connections:
+            return self.shut(FatalCode.BUSY, "too many connections")
+        n = server.per_uid.get(p.uid, 0)
+        if n >= cfg.max_connections_per_uid:
+            return self.shut(FatalCode.BUSY, "too many connections from this user")
+        server.per_uid[p.uid] = n + 1
+        self.counted = True
+        self.policy = cfg.policy.for_peer(p.uid, p.groups)
+        server.loop.add_reader(self.fd, self._readable)
+        self.reading = True
+        self._arm_in_timer()
+
+    # Input -------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(_RECV)  # no ancillary buffer: descriptors are dropped
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # ECONNRESET: gone, with input unread
+            data = b""
+        try:
+            if not data:
+                self._stop_reading()
+                self.eof = True
+                if self.decoder.partial:
+                    self._error("EOF", "connection closed inside a frame")
+            else:
+                try:
+                    msgs = self.decoder.feed(data)
+                except BrokerProtocolError as e:
+                    return self.shut(e.code, str(e))
+                inq = self.inq
+                busy = self.waiting is not None or self.status is not None or self.writing
+                if len(inq) + len(msgs) + busy > self.server.config.max_pending:
+                    n = self.server.config.max_pending
+                    return self.shut(FatalCode.PENDING, f"more than {n} requests pending")
+                inq.extend(msgs)
+                self._arm_in_timer()
+            self._pump()
+        except Exception as e:  # a bug: this connection only
+            self._internal(e)
+
+    def _arm_in_timer(self) -> None:
+        """A deadline while a frame is unfinished (or the hello missing)."""
+        stalled = self.decoder.partial or not self.decoder.greeted
+        if stalled and self.in_timer is None and not self.eof:
+            loop = self.server.loop
+            self.in_timer = loop.call_later(self.server.config.client_timeout, self._stalled)
+        elif not stalled and self.in_timer is not None:
+            self.in_timer.cancel()
+            self.in_timer = None
+
+    def _stalled(self) -> None:
+        self.in_timer = None
+        self.shut(FatalCode.TIMEOUT, "frame left unfinished too long")
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.server.loop.remove_reader(self.fd)
+        if self.in_timer is not None:
+            self.in_timer.cancel()
+            self.in_timer = None
+
+    def _stop_writing(self) -> None:
+        self.writing = False
+        if self.watching:
+            self.watching = False
+            self.server.loop.remove_writer(self.fd)
+        if self.out_timer is not None:
+            self.out_timer.cancel()
+            self.out_timer = None
+        if self.poll_timer is not None:
+            self.poll_timer.cancel()
+            self.poll_timer = None
+
+    def _block(self) -> None:
+        """Output waits (the deadline counts from the first time)."""
+        if not self.writing:
+            self.writing = True
+            server = self.server
+            self.out_timer = server.loop.call_later(server.config.client_timeout, self._unread)
+
+    def _hold_back(self) -> None:
+        """Too many descriptors unread: look again in a moment."""
+        self._block()
+        if self.watching:
+            self.watching = False
+            self.server.loop.remove_writer(self.fd)
+        if not self.held_back:
+            self.held_back = True
+            self._error("INFLIGHT", "held back: descriptors sent and not read yet")
+        if self.poll_timer is None:
+            self.poll_timer = self.server.loop.call_later(_POLL, self._poll)
+
+    def _poll(self) -> None:
+        self.poll_timer = None
+        self._writable()
+
+    def _pump(self) -> None:
+        """Handle queued frames until one has to wait; close after EOF once
+        everything is answered and sent."""
+        inq = self.inq
+        while inq and self.waiting is None and self.status is None and not self.writing:
+            m = inq.popleft()
+            kind = type(m)
+            if kind is SocketRequest:
+                self._request(m)  # type: ignore[arg-type]
+            elif kind is Release:
+                self._release(m)  # type: ignore[arg-type]
+            elif kind is StatusQuery:
+                self._status(m)  # type: ignore[arg-type]
+            elif kind is Hello:
+                self._queue(self.server.hello_reply)
+            if self.closed:
+                return
+        if self.eof and not self.out and not inq and self.waiting is None and self.status is None:
+            self.close()
+
+    # Output ------------------------------------------------------------------
+
+    def _queue(self, data: bytes, made: _Made | None = None) -> None:
+        if made is not None:
+            made.sending += 1
+        self.out.append((data, made))
+        if not self.queued:
+            self.queued = True
+            self.server.queued(self)
+
+    def send_out(self, resume: bool = True) -> None:
+        """Send what is queued: each descriptor with the first byte of its
+        ``G`` frame, in one ``sendmsg`` with the frames after it that carry
+        none.  What the client does not take waits for the writer callback
+        (and the answers-unread deadline).  ``resume``: once all is sent,
+        go on with the queued frames."""
+        server = self.server
+        if server.audit.pending:  # every answer's line is written before it is sent
+            server.audit.flush()
+        out, sock = self.out, self.sock
+        while out:
+            data, made = out[0]
+            if made is not None and not server.room_for(self):
+                return self._hold_back()
+            if len(out) > 1 and out[1][1] is None:
+                parts, k = [data], 1
+                while k < len(out) and out[k][1] is None:
+                    parts.append(out[k][0])
+                    k += 1
+                data = b"".join(parts)
+            try:
+                n = sock.sendmsg([data], made.anc) if made is not None else sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:  # EPIPE, ECONNRESET: gone; ETOOMANYREFS: this one only
+                if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+                    self._error("SEND", _ERRNAME.get(e.errno or 0, str(e.errno)))
+                self.close()
+                return
+            if n and made is not None:
+                server.charge(self)
+                server.sent(made)  # the descriptor went with the first byte
+                out[0] = (out[0][0], None)
+            while n:
+                head = out[0][0]
+                if n < len(head):
+                    out[0] = (head[n:], None)
+                    self.partial = True
+                    break
+                out.popleft()
+                n -= len(head)
+                self.partial = False
+            if n < len(data) and out:  # the client is not taking it: wait until it does
+                self._block()
+                if not self.watching:
+                    self.watching = True
+                    server.loop.add_writer(self.fd, self._writable)
+                return
+        self._stop_writing()
+        if resume:
+            if self.status is not None:
+                self._pump_status()
+            self._pump()
+
+    def _writable(self) -> None:
+        try:
+            self.send_out()
+        except Exception as e:  # a bug: this connection only
+            self._internal(e)
+
+    def _unread(self) -> None:
+        self.out_timer = None
+        self.shut(FatalCode.TIMEOUT, "answers left unread too long")
+
+    # Ending ------------------------------------------------------------------
+
+    def _error(self, code: str, text: str) -> None:
+        self.server.audit.event("error", f'{self.who},"code":"{code}","text":{json_text(text)}')
+
+    def _internal(self, e: Exception) -> None:
+        if not self.closed:
+            self._error("INTERNAL", f"{type(e).__name__}: {e}"[:200])
+            self.close()
+
+    def shut(self, code: FatalCode, text: str, *, log: bool = True) -> None:
+        """Close with an ``X`` frame: after the answers already queued, if
+        they can be sent at once, and only at a frame boundary."""
+        if self.closed:
+            return
+        if log:
+            self._error(code.name, text)
+        self._stop_reading()
+        if self.out and not self.writing:
+            self.send_out(resume=False)
+        if not self.closed and not self.out and not self.partial:
+            self.server.audit.flush()  # the line first, as for every answer
+            try:  # best effort: one non-blocking send
+                self.sock.send(Fatal(code, text).encode())
+            except OSError:
+                pass
+        self.close()
+
+    def close(self) -> None:
+        """Gone: every grant released, the connection closed."""
+        if self.closed:
+            return
+        self.closed = True
+        server = self.server
+        self._stop_reading()
+        self._stop_writing()
+        for g, sock in server.table.release_all(self):
+            server.audit.event(
+                "release",
+                f'{self.who},"grant":{g.id},"cause":"disconnect",'
+                f'"holders":{len(g.entry.grants)},{_what(g.entry)}',
+            )
+            if sock is not None:
+                server.close_socket(g.entry, sock)
+        for _, made in self.out:
+            if made is not None:
+                server.sent(made)
+        self.out.clear()
+        self.inq.clear()
+        self.waiting = None
+        self.status = None
+        server.connections.discard(self)
+        if self.inflight and _unread(self.fd):
+            try:  # the client reads what is queued, then EOF
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            server.drain(self)
+        else:
+            self.finish()
+
+    def finish(self) -> None:
+        """Let go of a closed connection for good: its counts and descriptor."""
+        server = self.server
+        server.draining.discard(self)
+        server.settle(self)
+        if self.counted:
+            self.counted = False
+            uid = self.peer.uid
+            left = server.per_uid[uid] - 1
+            if left:
+                server.per_uid[uid] = left
+            else:
+                del server.per_uid[uid]
+        self.sock.close()
+
+    # Requests ----------------------------------------------------------------
+
+    def _request(self, m: SocketRequest) -> None:
+        server = self.server
+        w = server.wanted(m)
+        allowed = self.allowed.get(w)
+        if allowed is None:  # the policy is fixed: the same peer and request, the same answer
+            if len(self.allowed) >= _POLICY_CACHE:
+                self.allowed.clear()
+            allowed = self.allowed[w] = self.policy.allows(m.request)
+        if not allowed:
+            return self._deny(m, w, Reason.POLICY, errno.EPERM)
+        if w.refusal is not None:
+            return self._deny(m, w, *w.refusal)
+        g = server.table.claim(self, self.peer.uid, m.request, m.backlog, m.share, m.name, w.key)
+        if isinstance(g, Reason):
+            return self._deny(m, w, g, _ERRNO[g])
+        if g.entry.sock is not None:
+            return self._granted(m, w, g)
+        self.waiting = (m, w, g)  # until the socket (or its refusal) comes
+        if g.creates:
+            server.create(g.entry, w)
+
+    def ready(self, g: Grant, failure: tuple[Reason, int] | None) -> None:
+        """The socket that ``g`` waited for exists now (or never will)."""
+        waiting = self.waiting
+        if waiting is None or waiting[2] is not g or self.closed:
+            return
+        self.waiting = None
+        m, w, _ = waiting
+        try:
+            if failure is None:
+                self._granted(m, w, g)
+            else:
+                self._deny(m, w, *failure)
+            self._pump()
+        except Exception as e:  # a bug: this connection only
+            self._internal(e)
+
+    def _granted(self, m: SocketRequest, w: _Wanted, g: Grant) -> None:
+        entry = g.entry
+        made: _Made = entry.extra
+        self.server.audit.event(
+            "grant",
+            f'{self.who},"id":{m.id},"grant":{g.id},{w.share_name},'
+            f'"holders":{len(entry.grants)},"result":"ok",{made.what}',
+        )
+        self._queue(grant_frame(m.id, g.id, made.suffix), made)
+
+    def _deny(self, m: SocketRequest, w: _Wanted, reason: Reason, err: int) -> None:
+        self.server.audit.event(
+            "deny",
+            f'{self.who},"id":{m.id},{w.share_name},"result":"{_ERRNAME.get(err, err)}",'
+            f'"reason":"{reason.name.lower()}",{w.what}',
+        )
+        self._queue(Denied(m.id, err, reason).encode())
+
+    def _release(self, m: Release) -> None:
+        server = self.server
+        g = server.table.grant(self, m.grant)
+        if g is None:
+            server.audit.event(
+                "deny",
+                f'{self.who},"id":{m.id},"grant":{m.grant},"what":"release",'
+                '"result":"EBADF","reason":"unknown"',
+            )
+            self._queue(Denied(m.id, errno.EBADF, Reason.UNKNOWN_GRANT).encode())
+            return
+        entry = g.entry
+        sock = server.table.release(g)
+        server.audit.event(
+            "release",
+            f'{self.who},"id":{m.id},"grant":{g.id},"cause":"request",'
+            f'"holders":{len(entry.grants)},{_what(entry)}',
+        )
+        if sock is not None:
+            server.close_socket(entry, sock)
+        self._queue(_K.pack(b"K", 4, m.id))
+
+    def _status(self, m: StatusQuery) -> None:
+        admin = self.server.config.admin_gid
+        if self.peer.uid != 0 and (admin is None or admin not in self.peer.groups):
+            self.server.audit.event(
+                "deny",
+                f'{self.who},"id":{m.id},"what":"status","result":"EPERM","reason":"policy"',
+            )
+            self._queue(Denied(m.id, errno.EPERM, Reason.POLICY).encode())
+            return
+        self.status = self._status_frames(m.id)
+        self._pump_status()
+
+    def _pump_status(self) -> None:
+        """Produce the status answer a few chunks at a time, as it is sent."""
+        while self.status is not None and len(self.out) < 4:
+            chunk = next(self.status, None)
+            if chunk is None:
+                self.status = None
+            else:
+                self._queue(chunk)
+
+    def _status_frames(self, rid: int) -> Iterator[bytes]:
+        chunk: list[bytes] = []
+        count = 0
+        for entry in list(self.server.table.entries.values()):
+            if entry.sock is None:
+                continue
+            for g in list(entry.grants.values()):
+                p: Peer = g.owner.peer
+                frame = StatusEntry(
+                    rid, g.id, entry.request, g.share, g.name, entry.backlog, p.uid, p.gid, p.pid
+                ).encode()
+                chunk.append(frame)
+                count += 1
+                if len(chunk) >= 256:
+                    yield b"".join(chunk)
+                    chunk.clear()
+        chunk.append(StatusEnd(rid, count).encode())
+        self.server.audit.event("status", f'{self.who},"id":{rid},"entries":{count}')
+        yield b"".join(chunk)

@@ -1,0 +1,302 @@
+"""The broker's server: connections, requests and answers on one event loop.
+
+Each connection is a pair of plain callbacks: a reader registered once for
+the connection's life, and a writer registered only while the client is
+not reading its answers.  A frame is handled as soon as it is complete, in
+the reader callback; nothing waits on a future, and no task runs per
+connection or per message.  Answers go into the connection's output queue,
+and once per turn of the event loop the server writes the audit log (one
+write for every line of that turn) and then sends each connection's queue
+(one ``sendmsg`` per descriptor, the frames without one joined).
+
+A request that needs a new socket from the creator leaves its connection
+*waiting*: its later frames queue up (at most ``max_pending``) and are
+handled, in order, when the socket (or its refusal) arrives.  So are the
+frames after answers that the client has not read yet: a stuck client
+never stops the loop, it only stops being served.
+
+The sharing rules and the bookkeeping are :class:`~._broker_table.ShareTable`'s;
+this module does the I/O around it.
+
+Descriptors in flight
+---------------------
+Linux charges every descriptor sent over a Unix socket and not yet received
+to the *sender's* user (``unix_inflight``), and refuses further sends with
+ETOOMANYREFS once that count passes the sender's RLIMIT_NOFILE.  A client
+that asks and never reads would spend the broker's budget for everybody,
+even after the broker has closed its connection, since what is queued stays
+in flight as long as the client keeps its end open.  So the broker counts
+every descriptor it sends, per connection and per client uid, and forgets a
+connection's count only once ``SIOCOUTQ`` says the client has read all that
+was sent to it (an upper bound, never an estimate).  A connection whose uid
+is at ``max_inflight_per_uid`` (or the broker at ``max_inflight``) is held
+back, not failed: its answers wait until the client reads, and past
+``client_timeout`` it is cut off like any client that does not read.  A
+connection closed with descriptors still unread is *draining*: shut down,
+kept open to ask ``SIOCOUTQ``, and still counted against its uid (in flight
+and as a connection) until the client has read or closed its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+
+from ..client._errors import CreatorFatalError, SocketCreationError
+from ._audit import Audit
+from ._connection import _Connection
+from ._creator import CreatorChannel, Outcome
+from ._protocol import (
+    VERSION,
+    FatalCode,
+    HelloReply,
+    Reason,
+    SocketRequest,
+)
+from ._shared import (
+    _CACHE,
+    _SWEEP,
+    BrokerConfig,
+    Peer,
+    _Made,
+    _unread,
+    _Wanted,
+    peer_credentials,
+)
+from ._table import Entry, ShareTable
+
+__all__ = ["BrokerConfig", "BrokerServer", "Peer", "peer_credentials"]
+
+
+# --- the server -----------------------------------------------------------------
+
+
+class BrokerServer:
+    """The broker's state and its accept loop (I/O on an asyncio loop)."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        creator: CreatorChannel,
+        listener: socket.socket,
+        audit_fd: int = 2,
+    ) -> None:
+        self.config = config
+        self.creator = creator
+        creator.auto_push = False  # pushed by _flush, after the answers of the turn
+        self.listener = listener
+        self.loop = asyncio.get_running_loop()
+        self.audit = Audit(audit_fd, self._want_flush)
+        self.table = ShareTable(config.max_sockets, config.max_held)
+        self.connections: set[_Connection] = set()
+        self.per_uid: dict[int, int] = {}  # connections (draining ones too) by uid
+        self.draining: set[_Connection] = set()  # closed, with descriptors still unread
+        self.inflight = 0  # descriptors sent and maybe not read yet, all connections
+        self.inflight_by_uid: dict[int, int] = {}
+        self.owing: dict[int, set[_Connection]] = {}  # by uid: connections with inflight
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.hello_reply = HelloReply(VERSION, config.max_held, config.max_pending).encode()
+        self._next_conn = 1
+        self._stopped: asyncio.Future[int] | None = None
+        self._dirty: list[_Connection] = []
+        self._flush_due = False
+        self._wanted: dict[int, _Wanted] = {}
+
+    # Once per turn of the loop: the audit log, then the answers ---------------
+
+    def _want_flush(self) -> None:
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._flush)
+
+    def queued(self, conn: _Connection) -> None:
+        self._dirty.append(conn)
+        self._want_flush()
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        self.audit.flush()
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.queued = False
+            if not conn.closed and not conn.writing:
+                try:
+                    conn.send_out()
+                except Exception as e:  # a bug: this connection only
+                    conn._internal(e)
+        self.creator.push()
+
+    # The table's sockets -------------------------------------------------------
+
+    def wanted(self, m: SocketRequest) -> _Wanted:
+        w = self._wanted.get(id(m.request))
+        if w is None or not w.matches(m):  # (w holds its request: the id is not reused)
+            if len(self._wanted) >= _CACHE:
+                self._wanted.clear()
+            w = self._wanted[id(m.request)] = _Wanted(m)
+        return w
+
+    def create(self, entry: Entry, w: _Wanted) -> None:
+        entry.extra = w
+        self.creator.request(w.made_as, lambda outcome: self._created(entry, w, outcome))
+        if self.creator.unsent:
+            self._want_flush()  # which pushes the request to the creator
+
+    def _created(self, entry: Entry, w: _Wanted, outcome: Outcome) -> None:
+        if not isinstance(outcome, socket.socket):
+            if isinstance(outcome, CreatorFatalError):  # on_fatal stops the server
+                failure = (Reason.UNAVAILABLE, errno.EIO)
+            elif isinstance(outcome, SocketCreationError):
+                reason = Reason.SOCKET if outcome.stage == "socket" else Reason.BIND
+                failure = (reason, outcome.errno or errno.EIO)
+            else:  # our own descriptor table was full when the socket came
+                failure = (Reason.LIMIT, errno.EMFILE)
+            for g in self.table.failed(entry):
+                g.owner.ready(g, failure)
+            return
+        sock = outcome
+        try:
+            if entry.backlog is not None:
+                sock.listen(entry.backlog)
+            port = entry.request.port or sock.getsockname()[1]  # adopt() checked a fixed one
+        except OSError as e:
+            sock.close()
+            for g in self.table.failed(entry):
+                g.owner.ready(g, (Reason.LISTEN, e.errno or errno.EIO))
+            return
+        grants = self.table.created(entry, sock, port)
+        if grants is None:  # everyone waiting for it went away meanwhile
+            sock.close()
+            return
+        entry.extra = _Made(entry, w, sock)
+        for g in grants:
+            g.owner.ready(g, None)
+
+    def close_socket(self, entry: Entry, sock: socket.socket) -> None:
+        """Close a socket the table let go of (once its queued grants are sent)."""
+        made = entry.extra
+        if isinstance(made, _Made) and made.sending:
+            made.doomed = sock
+        else:
+            sock.close()
+
+    def sent(self, made: _Made) -> None:
+        """A queued ``G`` frame went out, or will never go."""
+        made.sending -= 1
+        if not made.sending and made.doomed is not None:
+            made.doomed.close()
+            made.doomed = None
+
+    # Descriptors in flight (see the module doc) -------------------------------
+
+    def charge(self, conn: _Connection) -> None:
+        """One more descriptor sent on ``conn``."""
+        uid = conn.peer.uid
+        conn.inflight += 1
+        self.inflight += 1
+        self.inflight_by_uid[uid] = self.inflight_by_uid.get(uid, 0) + 1
+        if conn.inflight == 1:
+            self.owing.setdefault(uid, set()).add(conn)
+
+    def settle(self, conn: _Connection) -> None:
+        """``conn``'s client has read everything sent to it."""
+        n = conn.inflight
+        if not n:
+            return
+        uid = conn.peer.uid
+        conn.inflight = 0
+        self.inflight -= n
+        left = self.inflight_by_uid[uid] - n
+        if left:
+            self.inflight_by_uid[uid] = left
+        else:
+            del self.inflight_by_uid[uid]
+        owing = self.owing[uid]
+        owing.discard(conn)
+        if not owing:
+            del self.owing[uid]
+
+    def recount(self, conns: list[_Connection]) -> None:
+        """Ask the kernel about each of ``conns``: settle those whose client
+        has read everything, and let go of draining ones that are done."""
+        for conn in conns:
+            if conn.inflight and not _unread(conn.fd):
+                self.settle(conn)
+                if conn in self.draining:
+                    conn.finish()
+
+    def room_for(self, conn: _Connection) -> bool:
+        """Whether one more descriptor may go to ``conn`` now."""
+        cfg = self.config
+        if conn.inflight and not _unread(conn.fd):
+            self.settle(conn)
+        uid = conn.peer.uid
+        if self.inflight_by_uid.get(uid, 0) >= cfg.max_inflight_per_uid:
+            self.recount(list(self.owing.get(uid, ())))
+            if self.inflight_by_uid.get(uid, 0) >= cfg.max_inflight_per_uid:
+                return False
+        if self.inflight >= cfg.max_inflight:
+            self.recount([c for owing in self.owing.values() for c in owing])
+            if self.inflight >= cfg.max_inflight:
+                return False
+        return True
+
+    def drain(self, conn: _Connection) -> None:
+        """Keep a closed connection until its client has read (or closed)."""
+        self.draining.add(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(_SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        self.recount(list(self.draining))
+        if self.draining:
+            self._sweeper = self.loop.call_later(_SWEEP, self._sweep)
+
+    # Running -----------------------------------------------------------------
+
+    async def serve(self) -> int:
+        """Accept until :meth:`stop`; returns the exit status."""
+        loop = self.loop
+        self._stopped = loop.create_future()
+        self.listener.setblocking(False)
+        loop.add_reader(self.listener.fileno(), self._accept)
+        try:
+            return await self._stopped
+        finally:
+            loop.remove_reader(self.listener.fileno())
+            for conn in list(self.connections):
+                conn.shut(FatalCode.SHUTDOWN, "the broker is stopping", log=False)
+            for entry in list(self.table.entries.values()):
+                if entry.sock is not None:
+                    entry.sock.close()
+            for conn in list(self.draining):
+                conn.finish()
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                self._sweeper = None
+            self.audit.flush()
+
+    def stop(self, status: int = 0) -> None:
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(status)
+
+    def _accept(self) -> None:
+        for _ in range(64):  # a burst at a time: then let the connections run
+            try:
+                sock, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: stop accepting for a moment
+                self.audit.log("error", what="accept", error=errno.errorcode.get(e.errno or 0))
+                loop = self.loop
+                loop.remove_reader(self.listener.fileno())
+                loop.call_later(0.1, loop.add_reader, self.listener.fileno(), self._accept)
+                return
+            conn = _Connection(self, sock, self._next_conn)
+            self._next_conn += 1
+            try:
+                conn.start()
+            except Exception as e:  # a bug: this connection only
+                conn._internal(e)

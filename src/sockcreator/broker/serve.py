@@ -1,0 +1,399 @@
+"""``sockcreator serve``: one broker hands privileged sockets to many programs.
+
+::
+
+    sockcreator serve --socket PATH [--policy FILE] --user U --creator-user C
+                      [--mode 0666] [--group G] [--admin-group G] [--loop auto]
+                      [limits...]
+
+Started as root, in this order:
+
+1. Load the policy file (:mod:`sockcreator.broker.policy`), resolve U, C
+   and the groups -- before anything is started.
+2. Start the hardened creator (dropping to C, keeping only
+   CAP_NET_BIND_SERVICE) with the union of the policy as its allow-list: the
+   creator fences in everything, the broker checks each user exactly.  C
+   must be a user of its own, neither U nor root: Linux charges descriptors
+   in flight to the sender's user, and clients can make the broker's sends
+   wait (see "Descriptors in flight" in :mod:`._broker_server`), so the
+   creator must not share U's budget.
+3. Create the listening socket at PATH safely, following no symlink that
+   anyone but root controls.  PATH's directory is reached by walking it from
+   ``/`` one component at a time with ``O_PATH|O_NOFOLLOW`` descriptors: each
+   directory entered must be owned by root (or us) and not writable by
+   others unless sticky; a symlink is followed only if root owns it (so it
+   sits in a directory that passed: nobody else can replace it), its target
+   walked the same way; anyone else's symlink is refused (exit 4).  All the
+   rest goes through the final directory's descriptor, never the path: an
+   existing PATH is replaced only if it is a socket nobody answers on; the
+   socket is bound under a temporary name there (via ``/proc/self/fd/N``)
+   with its mode set by the umask at bind time (no chmod), chowned to the
+   group without following links, set listening, and renamed over PATH.  At
+   stop the broker removes PATH through the same descriptor if the inode is
+   still its own.
+4. Drop privileges to U for good (:func:`~.privileges.drop_privileges`).
+   Started from a terminal (as root), the broker first forks as ``sockcreator
+   run`` does (:mod:`sockcreator._terminal`): it serves in a new session,
+   with no readable handle on the terminal, while a relay in root's session
+   forwards signals, drops to U once the broker has, and exits with its
+   status.
+5. Serve, in one asyncio process (:mod:`._broker_server`): a reader
+   callback per connection, every read and write bounded and, while a frame
+   is unfinished or an answer unread, timed out.  A slow or stuck client
+   delays nobody else.
+
+Each peer is identified by SO_PEERCRED (uid, gid, pid) and SO_PEERGROUPS (its
+supplementary groups) when it connects.  The wire protocol is in
+:mod:`sockcreator.broker._protocol`; the sharing rules are BIND 10's:
+
+- one cached socket per (protocol, address, port), with the options and
+  backlog it was made with, and one reference per grant;
+- NO: nobody else may hold it; SAMEAPP: only requests with the same share
+  name, from the same uid; ANY: anyone whose own mode allows it.  Both the
+  holder's mode and the requester's count;
+- another request for a held socket with other options (or another backlog)
+  is a conflict (EBUSY);
+- a grant ends by an explicit release, or when its connection closes (its
+  process died); the cached socket is closed with its last grant;
+- port 0 asks for a new socket on an ephemeral port each time; it is cached
+  under the port it got.
+
+Every grant, denial and release is one JSON line on stderr (the audit log),
+written before its answer is sent.
+
+The pieces: :mod:`._broker_table` (the sharing rules and the bookkeeping, a
+pure object), :mod:`._broker_server` (connections, requests, answers),
+:mod:`._broker_creator` (the link to the creator), :mod:`._broker_audit`
+(the log), :mod:`._broker_path` (the socket file); this module is the
+command line.
+
+Exit statuses: 0 stopped by SIGTERM/SIGINT; 1 the creator died; 3 bad
+configuration (policy, user, group, limits); 4 the socket path cannot be
+used; 5 the creator cannot be started; 6 privileges cannot be dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import grp
+import json
+import os
+import resource
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn
+
+from .._terminal import fork_relay, terminal_in_reach
+from ..client._channel import creator_argv
+from ..client._errors import CreatorFatalError
+from ..privileges import drop_privileges, resolve_credentials
+from ._audit import describe
+from ._creator import CreatorChannel
+from ._path import SocketFile, SocketPathError, bind_unix_socket, create_socket_file
+from ._server import BrokerConfig, BrokerServer, Peer, peer_credentials
+from ._table import shareable
+from .policy import PolicyError, load_policy
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_CREATOR",
+    "EXIT_CREATOR_DIED",
+    "EXIT_OK",
+    "EXIT_PRIVILEGES",
+    "EXIT_SOCKET",
+    "BrokerConfig",
+    "BrokerServer",
+    "CreatorChannel",
+    "Peer",
+    "SocketFile",
+    "SocketPathError",
+    "bind_unix_socket",
+    "build_parser",
+    "create_socket_file",
+    "main",
+    "peer_credentials",
+    "shareable",
+    "status_main",
+]
+
+EXIT_OK, EXIT_CREATOR_DIED, EXIT_CONFIG, EXIT_SOCKET, EXIT_CREATOR, EXIT_PRIVILEGES = (
+    0,
+    1,
+    3,
+    4,
+    5,
+    6,
+)
+DEFAULT_POLICY = "/etc/sockcreator/broker.toml"
+_PROG = "sockcreator serve"
+
+
+# --- the command ----------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message}\n")
+
+
+def _mode(text: str) -> int:
+    value = int(text, 8)
+    if not 0 <= value <= 0o777:
+        raise ValueError(text)
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=_PROG,
+        description="Hand privileged sockets to unprivileged programs over a Unix socket, "
+        "with per-user policy and BIND 10's sharing rules.  Start as root.",
+        epilog="Exit statuses: 0 stopped; 1 the creator died; 3 bad configuration; "
+        "4 the socket path cannot be used; 5 the creator cannot start; "
+        "6 privileges cannot be dropped.",
+    )
+    p.add_argument("--socket", required=True, metavar="PATH", help="the broker's Unix socket")
+    p.add_argument(
+        "--policy", default=DEFAULT_POLICY, metavar="FILE", help=f"TOML (default {DEFAULT_POLICY})"
+    )
+    p.add_argument("--user", "-u", help="run the broker as this user (required as root)")
+    p.add_argument(
+        "--creator-user",
+        metavar="USER",
+        help="run the creator as this user: one of its own, not --user (required as root)",
+    )
+    p.add_argument(
+        "--mode", type=_mode, default=0o666, help="socket file mode, octal (default 0666)"
+    )
+    p.add_argument("--group", "-g", help="socket file group")
+    p.add_argument("--admin-group", help="members may ask for status (root always may)")
+    p.add_argument("--max-connections", type=int, default=1024)
+    p.add_argument("--max-connections-per-user", type=int, default=64)
+    p.add_argument("--max-held", type=int, default=4096, help="grants per connection")
+    p.add_argument("--max-pending", type=int, default=32, help="unanswered requests per connection")
+    p.add_argument(
+        "--max-sockets", type=int, help="cached sockets in all (default: from RLIMIT_NOFILE)"
+    )
+    p.add_argument("--client-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument(
+        "--max-inflight-per-user",
+        type=int,
+        default=256,
+        metavar="N",
+        help="descriptors sent to one user's connections and not read yet (default 256); "
+        "beyond it, that user's answers wait",
+    )
+    p.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop: uvloop (the 'fast' extra) serves about 10 %% more grants "
+        "per CPU second; auto (default): uvloop if installed, else asyncio's own",
+    )
+    return p
+
+
+def _loop_runner(name: str) -> tuple[str, Callable[[Coroutine[Any, Any, int]], int]]:
+    """The event loop to serve on: its name and how to run a coroutine on it.
+    An explicit ``uvloop`` that is not installed is an ImportError."""
+    if name != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if name == "uvloop":
+                raise
+        else:
+            return "uvloop", uvloop.run
+    return "asyncio", asyncio.run
+
+
+def _fail(status: int, message: str) -> int:
+    print(f"{_PROG}: {message}", file=sys.stderr)
+    return status
+
+
+def _raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+async def _run(
+    args: argparse.Namespace, config: BrokerConfig, allow: list[str] | None, loop_name: str
+) -> int:
+    root = os.geteuid() == 0
+    try:
+        creator = CreatorChannel(
+            creator_argv(allow=allow, user=args.creator_user if root else None)
+        )
+        creator.start()
+    except (OSError, ValueError, KeyError) as e:
+        return _fail(EXIT_CREATOR, f"cannot start the creator: {e}")
+    try:
+        gid = grp.getgrnam(args.group).gr_gid if args.group else None
+        try:
+            socket_file = create_socket_file(args.socket, args.mode, gid)
+        except (SocketPathError, OSError) as e:
+            return _fail(EXIT_SOCKET, str(e))
+        with socket_file:  # closes the socket and its directory's descriptor
+            listener = socket_file.socket
+            if root:
+                try:
+                    drop_privileges(args.user)
+                    if args.relay_ready is not None:  # the relay may drop now too
+                        os.close(args.relay_ready)
+                        args.relay_ready = None
+                except (OSError, ValueError, LookupError) as e:
+                    return _fail(EXIT_PRIVILEGES, f"cannot drop privileges: {e}")
+            server = BrokerServer(config, creator, listener)
+
+            def creator_died(e: CreatorFatalError) -> None:
+                server.audit.log("fatal", what="creator", error=str(e))
+                server.stop(EXIT_CREATOR_DIED)
+
+            creator.on_fatal = creator_died
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, server.stop, EXIT_OK)
+            server.audit.log(
+                "start",
+                pid=os.getpid(),
+                creator_pid=creator.pid,
+                socket=os.path.abspath(args.socket),
+                uid=os.getuid(),
+                allow=allow,
+                loop=loop_name,
+            )
+            status = await server.serve()
+            server.audit.log("stop", status=status)
+            server.audit.flush()
+            # Ours still?  Through the directory's descriptor, following
+            # nothing; needs write access to it, which went with root: may fail.
+            socket_file.unlink_if_ours()
+            return status
+    finally:
+        await creator.terminate()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``sockcreator serve``: run until SIGTERM; the exit status."""
+    args = build_parser().parse_args(argv)
+    root = os.geteuid() == 0
+    if root and args.user is None:
+        return _fail(EXIT_CONFIG, "give --user: the broker does not run as root")
+    if root and args.creator_user is None:
+        return _fail(
+            EXIT_CONFIG,
+            "give --creator-user: a user of its own for the creator, not --user "
+            "(see docs/security.md)",
+        )
+    try:
+        if args.user is not None:
+            creds = resolve_credentials(args.user)
+            if creds.uid == 0:
+                return _fail(EXIT_CONFIG, "--user must not be root")
+            if not root and creds.uid != os.geteuid():
+                return _fail(EXIT_CONFIG, "--user needs root (we are not root)")
+        if args.creator_user is not None:
+            if not root:
+                return _fail(EXIT_CONFIG, "--creator-user needs root (we are not root)")
+            creator_uid = resolve_credentials(args.creator_user).uid
+            if creator_uid == 0:
+                return _fail(EXIT_CONFIG, "--creator-user must not be root")
+            if args.user is not None and creator_uid == resolve_credentials(args.user).uid:
+                return _fail(EXIT_CONFIG, "--creator-user must not be --user")
+        admin = grp.getgrnam(args.admin_group).gr_gid if args.admin_group else None
+        if args.group:
+            grp.getgrnam(args.group)
+    except (LookupError, ValueError) as e:
+        return _fail(EXIT_CONFIG, str(e).strip("'\""))
+    try:
+        policy = load_policy(args.policy)
+    except (OSError, PolicyError) as e:
+        return _fail(EXIT_CONFIG, f"policy {args.policy}: {e}")
+    if not policy.rules:
+        return _fail(EXIT_CONFIG, f"policy {args.policy} allows nothing")
+    nofile = _raise_nofile()
+    max_sockets = args.max_sockets or max(16, nofile - args.max_connections - 64)
+    if max_sockets + args.max_connections + 64 > nofile:
+        return _fail(
+            EXIT_CONFIG,
+            f"RLIMIT_NOFILE {nofile} is too low for {max_sockets} sockets and "
+            f"{args.max_connections} connections (raise it, or lower the limits)",
+        )
+    try:
+        config = BrokerConfig(
+            policy=policy,
+            admin_gid=admin,
+            max_connections=args.max_connections,
+            max_connections_per_uid=args.max_connections_per_user,
+            max_held=args.max_held,
+            max_pending=args.max_pending,
+            max_sockets=max_sockets,
+            client_timeout=args.client_timeout,
+            max_inflight_per_uid=args.max_inflight_per_user,
+            # Linux refuses a send once the sender's user has more in flight
+            # than its RLIMIT_NOFILE: stay well within it.
+            max_inflight=max(args.max_inflight_per_user, nofile // 2),
+        )
+    except ValueError as e:
+        return _fail(EXIT_CONFIG, str(e))
+    try:
+        loop_name, run = _loop_runner(args.loop)
+    except ImportError as e:
+        return _fail(EXIT_CONFIG, f"--loop uvloop: {e} (install the 'fast' extra)")
+    args.relay_ready = None
+    if root and terminal_in_reach():
+        # Started from a terminal: the broker, which reads every client, must
+        # not hold root's (TIOCSTI, reading what root types).  As for
+        # ``sockcreator run``: a new session, and a relay left in root's.
+        try:
+            args.relay_ready = fork_relay(resolve_credentials(args.user), _PROG)
+        except OSError as e:
+            return _fail(EXIT_PRIVILEGES, str(e))
+    return run(_run(args, config, policy.creator_allow(), loop_name))
+
+
+def status_main(argv: Sequence[str] | None = None) -> int:
+    """``sockcreator status --socket PATH [--json]``: list held sockets."""
+    from .client import Broker, SocketRefusedError
+
+    p = argparse.ArgumentParser(
+        prog="sockcreator status",
+        description="List the broker's held sockets and their holders (root or the "
+        "broker's admin group only).",
+    )
+    p.add_argument("--socket", required=True, metavar="PATH")
+    p.add_argument("--json", action="store_true", help="one JSON object per grant")
+    p.add_argument("--timeout", type=float, default=10.0)
+    args = p.parse_args(argv)
+    try:
+        with Broker(args.socket, timeout=args.timeout) as broker:
+            held = broker.status()
+    except SocketRefusedError as e:
+        print(f"sockcreator status: refused: {e.strerror} (root or the admin group only)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    except (OSError, CreatorFatalError) as e:
+        print(f"sockcreator status: {args.socket}: {e}", file=sys.stderr)
+        return 1
+    for h in held:
+        if args.json:
+            record = {"grant": h.grant, "share": h.share.name, "name": h.name,
+                      "uid": h.uid, "gid": h.gid, "pid": h.pid,
+                      **describe(h.request, h.backlog)}  # fmt: skip
+            print(json.dumps(record, separators=(",", ":")))
+        else:
+            print(h)
+    if not args.json:
+        sockets = {(h.request.type, h.request.address, h.request.port) for h in held}
+        print(f"{len(sockets)} sockets held, {len(held)} grants")
+    return 0
