@@ -282,3 +282,54 @@ def test_cancelled_get_loses_no_socket(loop: str, when: str) -> None:
         assert await ch.terminate() == 0
 
     run_on(loop, main)
+
+
+def test_a_creator_we_may_not_signal_is_ended_by_eof() -> None:
+    """The broker's creator runs as a user of its own, so the broker may not
+    kill it: a fatal error must still reach ``on_fatal`` (found by CI: a
+    creator killed from outside was not reaped yet, ``kill()`` raised EPERM in
+    the reader callback, and the broker never stopped).  Here a fake creator
+    of another uid breaks the protocol and then stays alive; the channel is
+    run by a forked child that has dropped to yet another uid."""
+    from conftest import IS_ROOT, ensure_user
+
+    if not IS_ROOT:
+        pytest.skip("needs root to run the two sides as two users")
+    channel_user, creator_user = ensure_user("sockc-broker"), ensure_user("sockc-creator")
+    fake = ["/usr/bin/setpriv", f"--reuid={creator_user.pw_uid}",
+            f"--regid={creator_user.pw_gid}", "--clear-groups", "/usr/bin/python3", "-c",
+            "import os, time\nos.read(0, 64)\nos.write(1, b'Z')\ntime.sleep(60)"]  # fmt: skip
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the broker's side
+        try:
+            os.close(r)
+
+            async def main() -> str:
+                ch = CreatorChannel(fake, timeout=0.5)
+                ch.start()
+                fatal: list[CreatorFatalError] = []
+                ch.on_fatal = fatal.append
+                os.setresgid(channel_user.pw_gid, channel_user.pw_gid, channel_user.pw_gid)
+                os.setgroups([])
+                os.setresuid(channel_user.pw_uid, channel_user.pw_uid, channel_user.pw_uid)
+                got: list[Outcome] = []
+                ch.request(make_request("udp", "127.0.0.1", 0), got.append)
+                for _ in range(400):
+                    if fatal:
+                        break
+                    await asyncio.sleep(0.01)
+                status = await ch.terminate()  # returns: it does not hang on the creator
+                ok = bool(fatal) and isinstance(got[0], CreatorFatalError) and status is None
+                return "ok" if ok else f"fatal={fatal} got={got} status={status}"
+
+            os.write(w, asyncio.run(main()).encode())
+        except BaseException as e:
+            os.write(w, repr(e).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        result = f.read().decode()
+    os.waitpid(pid, 0)
+    assert result == "ok", result

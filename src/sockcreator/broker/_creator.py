@@ -268,9 +268,8 @@ class CreatorChannel:
         if self._dead is not None:
             return
         self._dead = reason
-        self._close()
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
+        self._close()  # EOF: a creator that is reading exits; one writing gets EPIPE
+        self._kill()
         err = CreatorFatalError(reason, condition=condition)
         while self._waiters:
             self._waiters.popleft()(err)
@@ -278,6 +277,17 @@ class CreatorChannel:
             self._eof.set_result(None)
         if self.on_fatal is not None:
             self.on_fatal(err)
+
+    def _kill(self) -> None:
+        """SIGKILL the creator if we may.  We may not when it runs as a user of
+        its own (``--creator-user``, the broker's case): then closing the
+        channel is what ends it (it exits on EOF or EPIPE, and its seccomp
+        filter leaves it nothing else to block in)."""
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                self._proc.kill()
+            except PermissionError:
+                pass
 
     def _finish_eof(self) -> None:
         self._dead = "terminated"
@@ -300,9 +310,13 @@ class CreatorChannel:
         if proc is None:
             return None
         deadline = loop.time() + self._timeout
+        killed = False
         while (status := proc.poll()) is None:
             if loop.time() > deadline:
-                proc.kill()
-                deadline = float("inf")
+                if killed:  # not ours to signal, and not gone: do not hang on it
+                    return None
+                self._close()
+                self._kill()
+                killed, deadline = True, loop.time() + self._timeout
             await asyncio.sleep(0.005)
         return status
