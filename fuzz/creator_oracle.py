@@ -369,11 +369,13 @@ def _wait(proc: subprocess.Popen[bytes]) -> int:
         raise _fail(f"hang: the creator did not exit within {TIMEOUT}s") from None
 
 
-_RECVFROM = {"x86_64": "45", "aarch64": "207"}.get(os.uname().machine)
+# Idle between requests: the command byte is read with recvmsg (it may carry
+# a descriptor, for 'B'); the fields after it with recvfrom.
+_RECVFROM = {"x86_64": ("45", "47"), "aarch64": ("207", "212")}.get(os.uname().machine)
 
 
 def _wait_idle(proc: subprocess.Popen[bytes]) -> bool:
-    """Until ``proc`` is blocked in recvfrom(0, ...) (/proc/PID/syscall), i.e.
+    """Until ``proc`` is blocked reading fd 0 (/proc/PID/syscall), i.e.
     done with every request so far.  False if this cannot be seen here."""
     if _RECVFROM is None:
         return False
@@ -386,7 +388,7 @@ def _wait_idle(proc: subprocess.Popen[bytes]) -> bool:
                 fields = f.read().split()
         except OSError:
             return False
-        if fields[:2] == [_RECVFROM, "0x0"]:
+        if fields[:1] and fields[0] in _RECVFROM and fields[1:2] == ["0x0"]:
             return True
         time.sleep(0.0002)
     raise _fail(f"hang: the creator did not come back to reading within {TIMEOUT}s")

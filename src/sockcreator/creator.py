@@ -32,13 +32,32 @@ Requests (fixed length; anything else is answered 'F' 'I', then exit 12)::
         to an overlapping address and port, which is how a broker makes an
         exclusive UDP socket)
 
+    'B' ('4'|'6') port[2] addr[4|16], with exactly one descriptor on the 'B'
+        byte (SCM_RIGHTS): bind the peer's own socket (``run --intercept``)
+
 The policy sees every address a socket would take traffic for: an IPv6
 request on an IPv4-mapped address (``::ffff:a.b.c.d``) must also be allowed
 for ``a.b.c.d``, and one on ``::`` with IPV6_V6ONLY off for ``0.0.0.0``.
 
 Answers to 'S' and 'P': 'S' then one data byte carrying the descriptor
-(SCM_RIGHTS), or 'E' ('S'|'B') errno[native int].  Port and address are in
-network byte order.
+(SCM_RIGHTS), or 'E' ('S'|'B') errno[native int].  Answer to 'B': 'O' (bound)
+or 'E' ('S'|'B') errno.  Port and address are in network byte order.
+
+The 'B' command (an extension, for ``sockcreator run --intercept``) changes
+the threat model in one place: it is the only request that comes with a
+descriptor, so the command byte is read with ``recvmsg`` and a small
+ancillary buffer.  Descriptors that come with any other byte, more than one,
+or a truncated set are closed unused, as before they were dropped; a 'B'
+without exactly one is invalid input.  What arrives is used only through
+getsockopt() and bind(), then closed; the filter admits nothing more.  It must
+be an AF_INET/AF_INET6 socket of the family the request names, stream or
+datagram with the default protocol (TCP or UDP), in our own network
+namespace (SO_NETNS_COOKIE, where the kernel has it), else 'E' 'S' EPERM.
+The policy is applied to the address as for 'S', except that an IPv6 socket
+on '::' always needs the IPv4 wildcard rule too: the peer shares the socket
+and may turn IPV6_V6ONLY off until the moment of bind().  A peer can make us
+bind only its own socket, to what the policy allows; what it may do with that
+socket afterwards it could do anyway.
 
 Options (all given by the trusted starter, never by the peer)::
 
@@ -80,6 +99,9 @@ P_REUSEPORT, P_DUALSTACK, P_FREEBIND, P_NOREUSEADDR = 1, 2, 4, 8
 P_ALL = P_REUSEPORT | P_DUALSTACK | P_FREEBIND | P_NOREUSEADDR
 MAPPED = bytes(10) + b"\xff\xff"  # the first 12 bytes of ::ffff:a.b.c.d
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
+SO_DOMAIN, SO_PROTOCOL, SO_NETNS_COOKIE = 39, 38, 71  # Linux values
+ANCBUF = 64  # CMSG_SPACE of a few descriptors: what does not fit is dropped (MSG_CTRUNC)
+NETNS = [0]  # our network namespace's cookie, once known
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 
 Rule = tuple[bytes, bytes, bytes, int, int]  # type, family, packed addr ('' = any), lo, hi
@@ -234,6 +256,7 @@ SYSCALLS = {  # name: (x86_64, aarch64): the loop's I/O, then the interpreter's 
     # setsockopt socket bind close exit_group)
     "read": (0, 63), "write": (1, 64), "close": (3, 57), "recvfrom": (45, 207),
     "sendto": (44, 206), "sendmsg": (46, 211), "setsockopt": (54, 208), "bind": (49, 200),
+    "recvmsg": (47, 212), "getsockopt": (55, 209), "getsockname": (51, 204),  # for B
     "brk": (12, 214), "mmap": (9, 222), "munmap": (11, 215), "mremap": (25, 216),
     "mprotect": (10, 226), "madvise": (28, 233), "futex": (202, 98),
     "rt_sigreturn": (15, 139), "clock_gettime": (228, 113), "exit": (60, 93),
@@ -324,6 +347,67 @@ def create(
     return sock
 
 
+def read_command(rd: socket.socket) -> tuple[bytes, list[int]]:
+    """One command byte and the descriptors that came with it (-1 for any
+    the kernel dropped: MSG_CTRUNC)."""
+    try:
+        data, anc, flags, _ = rd.recvmsg(1, ANCBUF, socket.MSG_CMSG_CLOEXEC)
+    except OSError:
+        data, anc, flags = b"", [], 0
+    fds = [INT.unpack_from(b, i)[0] for lv, k, b in anc if k == socket.SCM_RIGHTS
+           for i in range(0, len(b) - 3, 4)]  # fmt: skip
+    if not data:
+        close_all(fds)
+        die(EXIT_READ)
+    return data, fds + [-1] * bool(flags & socket.MSG_CTRUNC)
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
+
+
+def bind_theirs(fd: int, family: bytes, fields: bytes, rules: list[Rule] | None) -> bytes:
+    """'B': check the peer's socket (see the docstring), apply the policy, bind it."""
+    fam = socket.AF_INET if family == b"4" else socket.AF_INET6
+    try:
+        sock = socket.socket(fam, socket.SOCK_STREAM, 0, fileno=fd)  # getsockname() only
+    except OSError as e:  # ENOTSOCK: not a socket at all
+        os.close(fd)
+        return b"ES" + INT.pack(e.errno or 0)
+    try:
+        opt = [
+            sock.getsockopt(socket.SOL_SOCKET, o) for o in (SO_DOMAIN, socket.SO_TYPE, SO_PROTOCOL)
+        ]
+        kind = {(socket.SOCK_STREAM, 6): b"T", (socket.SOCK_DGRAM, 17): b"U"}.get((opt[1], opt[2]))
+        if opt[0] != fam or kind is None or NETNS[0] not in (0, netns_of(sock)):
+            log(f"refused to bind a socket of domain, type, protocol {opt}")
+            return b"ES" + INT.pack(1)  # EPERM
+        port, addr = int.from_bytes(fields[:2], "big"), fields[2:]
+        ok = allowed(rules, kind, family, addr, port)
+        if ok and family == b"6" and (addr[:12] == MAPPED or not any(addr)):
+            ok = allowed(rules, kind, b"4", addr[12:], port)  # V6ONLY may yet change
+        if not ok:
+            log(f"denied {'tcp' if kind == b'T' else 'udp'} {socket.inet_ntop(fam, addr)} "
+                f"port {port} by policy")  # fmt: skip
+            return b"EB" + INT.pack(1)  # EPERM
+        sock.bind((socket.inet_ntop(fam, addr), port))
+        return b"O"
+    except OSError as e:  # bind()'s own errno
+        return b"EB" + INT.pack(e.errno or 0)
+    finally:
+        sock.close()
+
+
+def netns_of(sock: socket.socket) -> int:
+    """The socket's network namespace cookie; 0 where the kernel has none."""
+    try:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    except OSError:
+        return 0
+
+
 def invalid(wr: socket.socket, what: bytes) -> None:
     try:
         wr.sendall(b"FI")
@@ -334,7 +418,23 @@ def invalid(wr: socket.socket, what: bytes) -> None:
 
 def serve(rd: socket.socket, wr: socket.socket, rules: list[Rule] | None) -> None:
     while True:
-        command = read_exact(rd, 1)
+        command, fds = read_command(rd)
+        if command == b"B":
+            if len(fds) != 1 or fds[0] < 0:
+                close_all(fds)
+                invalid(wr, b"B with %d descriptors" % len(fds))
+            family = read_exact(rd, 1)
+            if family not in (b"4", b"6"):
+                close_all(fds)
+                invalid(wr, command + family)
+            fields = read_exact(rd, 2 + (4 if family == b"4" else 16))
+            answer = bind_theirs(fds[0], family, fields, rules)
+            try:
+                wr.sendall(answer)
+            except OSError:
+                die(EXIT_WRITE)
+            continue
+        close_all(fds)  # nothing else takes a descriptor: dropped, as ever
         if command == b"T":
             die(EXIT_OK)
         kind = read_exact(rd, 1) if command in (b"S", b"P") else b""
@@ -391,6 +491,9 @@ def main() -> None:
             die(EXIT_HARDEN, f"hardening failed: {e!s:.200}")
     elif uid is not None and gid is not None:
         die(EXIT_START, "--uid needs hardening")
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    NETNS[0] = netns_of(probe)  # (socket() is allowed by the filter)
+    probe.close()
     serve(rd, wr, rules)
 
 

@@ -18,9 +18,11 @@ SOURCE = Path(CREATOR_PATH).read_text()
 TREE = ast.parse(SOURCE)
 
 #: The creator's code budget: the seed's protocol, the policy, argument
-#: parsing and the Linux hardening (seccomp table included).  Raising it
-#: needs a reason in the commit message.
-CODE_LINE_BUDGET = 300
+#: parsing and the Linux hardening (seccomp table included), and the 'B'
+#: command of ``run --intercept`` (about 65 lines: receiving one descriptor,
+#: checking what it is, binding it).  Raising it needs a reason in the commit
+#: message.
+CODE_LINE_BUDGET = 360
 
 
 def imported_modules() -> set[str]:
@@ -92,4 +94,4 @@ def test_dispatch_is_an_allow_list() -> None:
         for c in ast.walk(n)
         if isinstance(c, ast.Constant) and isinstance(c.value, bytes) and len(c.value) == 1
     }
-    assert compared <= {b"S", b"T", b"P", b"U", b"4", b"6"}, compared
+    assert compared <= {b"S", b"T", b"P", b"B", b"U", b"4", b"6"}, compared
