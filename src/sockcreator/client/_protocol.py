@@ -44,6 +44,8 @@ __all__ = [
     "Request",
     "SocketOptions",
     "SocketReceived",
+    "bind_answer",
+    "bind_request",
     "make_request",
 ]
 
@@ -347,3 +349,42 @@ class AnswerParser:
         self._state = _DEAD
         condition = buf.decode("ascii", "backslashreplace")
         raise ProtocolViolation(f"creator reported fatal error {condition!r}", condition)
+
+
+# --- 'B': bind the peer's own socket (sockcreator run --intercept) -------------
+
+#: The longest answer to 'B': 'E', the stage byte, the errno.
+BIND_ANSWER_MAX = 2 + INT.size
+
+
+def bind_request(family: int, packed: bytes, port: int) -> bytes:
+    """The 'B' request for ``packed`` (4 or 16 bytes) and ``port``; its
+    descriptor goes with its first byte (SCM_RIGHTS)."""
+    if family == socket.AF_INET and len(packed) == 4:
+        code = b"4"
+    elif family == socket.AF_INET6 and len(packed) == 16:
+        code = b"6"
+    else:
+        raise ValueError(f"not an IPv4 or IPv6 address: {family} {packed!r}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"bad port {port}")
+    return b"B" + code + port.to_bytes(2, "big") + packed
+
+
+def bind_answer(data: bytes) -> int | None:
+    """The answer to a 'B' so far: 0 (bound) or the errno; None if more bytes
+    are needed (see :data:`BIND_ANSWER_MAX`).  ProtocolViolation otherwise."""
+    if data[:1] == b"O":
+        if len(data) != 1:
+            raise ProtocolViolation(f"data after 'O': {data!r}")
+        return 0
+    if data[:1] == b"E":
+        if len(data) < BIND_ANSWER_MAX:
+            return None
+        if len(data) > BIND_ANSWER_MAX or data[1:2] not in _STAGES:
+            raise ProtocolViolation(f"bad 'E' answer to 'B': {data!r}")
+        return int(INT.unpack(data[2:])[0])
+    if data[:1] == b"F":
+        raise ProtocolViolation("the creator refused the request as invalid", data[1:2].decode(
+            "ascii", "replace") or None)  # fmt: skip
+    raise ProtocolViolation(f"unknown answer to 'B': {data!r}")

@@ -95,6 +95,8 @@ Exit statuses (before PROGRAM runs; afterwards the status is PROGRAM's)::
     103  the creator failed (did not start, died, broke the protocol), or
          the broker could not be reached or failed
     104  a --listen socket was refused (the kernel's errno is printed)
+    105  --intercept: bind interception is not available here (the kernel
+         or the machine lacks it: Linux 5.19+, x86_64 or aarch64)
     111  another system failure (dropping privileges, descriptors)
     126  PROGRAM was found but cannot be executed
     127  PROGRAM not found
@@ -111,6 +113,7 @@ import fcntl
 import os
 import signal
 import socket
+import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,13 +127,14 @@ from ..client._channel import creator_argv
 from ..client._errors import CreatorError, CreatorFatalError, SocketCreationError
 from ..client._protocol import Request
 from ..client.blocking import ENV_FD, SocketCreator
-from ..privileges import Credentials, drop_to, resolve_credentials
+from ..privileges import Credentials, drop_to, make_non_dumpable, resolve_credentials
 
 __all__ = [
     "EXIT_CANNOT_EXEC",
     "EXIT_CREATOR",
     "EXIT_NOT_FOUND",
     "EXIT_NOT_ROOT",
+    "EXIT_NO_INTERCEPT",
     "EXIT_REFUSED",
     "EXIT_SYSTEM",
     "EXIT_UNKNOWN_USER",
@@ -145,6 +149,7 @@ EXIT_NOT_ROOT = 101
 EXIT_UNKNOWN_USER = 102
 EXIT_CREATOR = 103
 EXIT_REFUSED = 104
+EXIT_NO_INTERCEPT = 105
 EXIT_SYSTEM = 111
 EXIT_CANNOT_EXEC = 126
 EXIT_NOT_FOUND = 127
@@ -210,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--allow-root", action="store_true", help="allow PROGRAM to run as root (uid 0)")
     p.add_argument(
+        "--intercept",
+        action="store_true",
+        help="let PROGRAM (any program, unmodified) bind the --listen and --allow "
+        "ports itself: its bind() calls go to a supervisor (Linux 5.19+; see docs/intercept.md)",
+    )
+    p.add_argument(
         "--broker",
         metavar="PATH",
         help="get the --listen sockets from the broker at PATH (no creator, no root needed)",
@@ -232,6 +243,7 @@ class Plan:
     executable: str
     argv: tuple[str, ...]
     broker: str | None = None
+    intercept: bool = False
 
 
 def default_name(request: Request) -> str:
@@ -285,6 +297,8 @@ def plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
     names = tuple(_check_name(n) for n in args.name) or tuple(default_name(r) for r in listens)
     if not 0 <= args.backlog <= 2**31 - 1:
         raise LaunchError(EXIT_USAGE, f"bad --backlog {args.backlog}")
+    if args.intercept and args.broker is not None:
+        raise LaunchError(EXIT_USAGE, "--intercept does not work with --broker yet")
     if args.broker is not None and (args.allow or not listens):
         raise LaunchError(EXIT_USAGE, "--broker takes --listen specs only (its policy decides)")
     root = os.geteuid() == 0
@@ -315,6 +329,7 @@ def plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
         executable=executable,
         argv=(args.program, *args.args),
         broker=args.broker,
+        intercept=args.intercept,
     )
 
 
@@ -375,7 +390,7 @@ def place_fds(sources: Sequence[int]) -> None:
 
 
 def build_environment(
-    environ: dict[str, str], p: Plan, channel_fd: int, channel_var: str = ENV_FD
+    environ: dict[str, str], p: Plan, channel_fd: int | None, channel_var: str = ENV_FD
 ) -> dict[str, str]:
     """PROGRAM's environment: ours, with the activation variables replaced."""
     stale = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", ENV_FD, ENV_BROKER_FD)
@@ -384,7 +399,8 @@ def build_environment(
         env["LISTEN_FDS"] = str(len(p.listens))
         env["LISTEN_PID"] = str(os.getpid())  # exec keeps the pid
         env["LISTEN_FDNAMES"] = ":".join(p.names)
-    env[channel_var] = str(channel_fd)
+    if channel_fd is not None:
+        env[channel_var] = str(channel_fd)
     for key in ("USER", "LOGNAME", "HOME"):  # root's would mislead PROGRAM
         env.pop(key, None)
     if p.creds.name is not None:
@@ -426,7 +442,77 @@ def launch(p: Plan) -> NoReturn:
             s.close()
         _stop(creator)
         raise LaunchError(EXIT_SYSTEM, f"cannot drop privileges: {e}") from None
+    if p.intercept:
+        _supervise(p, environ, socks, creator.detach())
     _exec(p, environ, socks, creator.detach().detach(), ENV_FD)
+
+
+def _supervise(
+    p: Plan, environ: dict[str, str], socks: list[socket.socket], channel: socket.socket
+) -> NoReturn:
+    """--intercept (we have dropped already): fork PROGRAM, which installs
+    the filter, hands us its listener and execs; we supervise it (see
+    :mod:`.intercept.supervisor`) and exit with its status.  PROGRAM gets no
+    creator channel: the supervisor's is the only one."""
+    from .intercept import _seccomp
+    from .intercept.supervisor import FORWARDED, Supervisor, forward_signals
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    parent = os.getpid()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    child = os.fork()
+    if child == 0:  # PROGRAM's side: never returns into the caller
+        status, message = EXIT_SYSTEM, "cannot start PROGRAM"
+        try:
+            ours.close()
+            channel.close()
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            _seccomp.no_new_privs()
+            _seccomp.die_with_parent(parent)
+            listener = _seccomp.install_filter()
+            theirs.sendmsg([b"L"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                     struct.pack("@i", listener))])  # fmt: skip
+            os.close(listener)
+            theirs.close()
+            _exec(p, environ, socks, None, ENV_FD)
+        except _seccomp.Unsupported as e:
+            status, message = EXIT_NO_INTERCEPT, str(e)
+        except LaunchError as e:
+            status, message = e.status, str(e)
+        except BaseException as e:
+            message = f"cannot start PROGRAM: {e}"
+        try:
+            theirs.sendall(message.encode("utf-8", "replace")[:4000])
+            os.write(2, f"{_PROG}: {message}\n".encode("utf-8", "replace"))
+        finally:
+            os._exit(status)
+    theirs.close()
+    for s in socks:
+        s.close()  # PROGRAM has them
+    try:
+        pidfd = os.pidfd_open(child)
+    except (AttributeError, OSError):
+        pidfd = -1
+    forward_signals(pidfd, child)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    make_non_dumpable()  # PROGRAM, our user, may signal us, not ptrace us
+    msg, anc, _flags, _ = ours.recvmsg(4096, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+    ours.close()
+    fds = [struct.unpack("@i", blob[:4])[0] for _l, _k, blob in anc]
+    if msg != b"L" or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        _, st = os.waitpid(child, 0)  # it said why on stderr, and exits with its status
+        os._exit(os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else EXIT_SYSTEM)
+    rules = [specs.parse_rule(spec) for spec in p.allow_specs] + [
+        specs.parse_rule(f"{r.protocol}:{_host(r)}:{r.port}") for r in p.listens
+    ]
+    sup = Supervisor(fds[0], child, channel, rules, prog=_PROG)
+    os._exit(sup.run())
+
+
+def _host(r: Request) -> str:
+    return f"[{r.address}]" if r.address.version == 6 else str(r.address)
 
 
 def _launch_with_broker(p: Plan, environ: dict[str, str]) -> NoReturn:
@@ -451,17 +537,22 @@ def _launch_with_broker(p: Plan, environ: dict[str, str]) -> NoReturn:
 
 
 def _exec(
-    p: Plan, environ: dict[str, str], socks: list[socket.socket], channel: int, channel_var: str
+    p: Plan,
+    environ: dict[str, str],
+    socks: list[socket.socket],
+    channel: int | None,
+    channel_var: str,
 ) -> NoReturn:
     """Steps 5 and 6: the descriptors into place, then PROGRAM."""
     try:
-        sources = [s.detach() for s in socks] + [channel]
+        sources = [s.detach() for s in socks] + ([] if channel is None else [channel])
         for fd in sources:
             os.set_blocking(fd, True)
         place_fds(sources)
     except OSError as e:
         raise LaunchError(EXIT_SYSTEM, f"cannot arrange descriptors: {e}") from None
-    env = build_environment(environ, p, SD_LISTEN_FDS_START + len(p.listens), channel_var)
+    channel_fd = None if channel is None else SD_LISTEN_FDS_START + len(p.listens)
+    env = build_environment(environ, p, channel_fd, channel_var)
     # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across exec.
     ignored = [getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, n)]
     for sig in ignored:
