@@ -123,8 +123,14 @@ def origins() -> dict[str, object]:
         signal.siginterrupt(signal.SIGALRM, not restart)
         signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
         base = 4 if restart else 9
-        got = [attempt(lambda i=base + i: socket.socket().bind((f"127.0.0.{i}", 80)))
-               for i in range(5)]  # fmt: skip
+        got = []
+        for i in range(5):
+            s = socket.socket()
+            first = attempt(lambda s=s, i=base + i: s.bind((f"127.0.0.{i}", 80)))
+            if first == "EINTR":  # nothing was done: the same socket binds on a retry
+                again = attempt(lambda s=s, i=base + i: s.bind((f"127.0.0.{i}", 80)))
+                first = f"EINTR, then {again}"
+            got.append(first)
         signal.setitimer(signal.ITIMER_REAL, 0)
         out[f"signal_restart_{restart}"] = got
     return out

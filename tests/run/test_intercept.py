@@ -86,8 +86,12 @@ def test_binds_from_threads_children_grandchildren_and_signals(world: Path, user
     r = case(world, user, "origins")
     assert r["thread"] is None and r["fork"] is None and r["exec"] == "ok"
     assert r["own_netns"] == "ok"  # the kernel decides there, with the program's own rights
-    for restart in (True, False):
-        assert r[f"signal_restart_{restart}"] == [None] * 5, r
+    # With SA_RESTART a signal is invisible.  Without it, a signal that comes
+    # before the supervisor took the bind interrupts it (EINTR: nothing was
+    # done, a retry binds); once taken, the wait is killable only, so a bind
+    # that happened is never restarted (docs/intercept.md).
+    assert r["signal_restart_True"] == [None] * 5, r
+    assert set(r["signal_restart_False"]) <= {None, "EINTR, then None"}, r
 
 
 def test_many_unprivileged_binds_keep_working(world: Path, user: str) -> None:
