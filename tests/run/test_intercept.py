@@ -80,6 +80,7 @@ def test_fidelity_return_values_and_state(world: Path, user: str) -> None:
     assert r["wrong_family"] == "EINVAL"  # as the kernel answers it (checked as root, natively)
     assert r["dualstack"] is None and r["dualstack_v6only"] == 0
     assert r["udp"] is None and r["freebind"] is None
+    assert r["unspec_any"] == 0  # AF_UNSPEC + 0.0.0.0 on an AF_INET socket: as root would
 
 
 def test_binds_from_threads_children_grandchildren_and_signals(world: Path, user: str) -> None:
@@ -141,3 +142,24 @@ def test_a_denied_port_is_the_programs_own_eacces(world: Path, user: str) -> Non
     assert done.returncode == 1, done
     assert "PermissionError: [Errno 13] Permission denied" in done.stderr
     assert "denied pid" in done.stderr
+
+
+def test_io_uring_bind_gains_no_privileged_port(world: Path, user: str) -> None:
+    """IORING_OP_BIND does not pass through seccomp, so the supervisor never
+    sees it; the kernel checks the caller's own capability, and PROGRAM has
+    none: EACCES.  (An unprivileged port it may bind that way, as ever.)"""
+    if not Path("/usr/include/liburing.h").exists() or shutil.which("cc") is None:
+        pytest.skip("needs cc and liburing's headers (Debian's liburing-dev)")
+    exe = world / "uring_bind"
+    subprocess.run(["cc", "-O2", "-o", str(exe), str(HERE / "uring_bind.c"), "-luring"],
+                   check=True, capture_output=True)  # fmt: skip
+    exe.chmod(0o755)
+    results = []
+    for port in ("80", "8080"):
+        done = subprocess.run(run(user, RULES, [str(exe), port]), capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        results.append(done.stdout.strip())
+    if results[0] == "UNSUPPORTED":
+        pytest.skip("io_uring or IORING_OP_BIND is not available on this kernel")
+    assert results == ["EACCES", "OK"]  # port 80 allowed by RULES, yet not this way

@@ -43,10 +43,15 @@ class Target:
 
 def parse_sockaddr(raw: bytes) -> Target | None:
     """The IP target of a sockaddr, or None if it is not one the kernel would
-    take as AF_INET (16 bytes or more) or AF_INET6 (24 or more)."""
+    take as AF_INET (16 bytes or more; AF_UNSPEC with 0.0.0.0 too) or AF_INET6
+    (24 or more)."""
     if len(raw) < 2:
         return None
     (family,) = _FAMILY.unpack_from(raw)
+    if family == socket.AF_UNSPEC and len(raw) >= 16 and not any(raw[4:8]):
+        # Linux takes AF_UNSPEC with INADDR_ANY on an AF_INET socket as AF_INET
+        # (an old compatibility rule); the socket's own family is checked later.
+        family = socket.AF_INET
     if family == socket.AF_INET and len(raw) >= 16:
         return Target(family, raw[4:8], _PORT.unpack_from(raw, 2)[0])
     if family == socket.AF_INET6 and len(raw) >= 24:
