@@ -78,9 +78,10 @@ def fidelity() -> dict[str, object]:
     libc.bind(keep.fileno(), ctypes.c_void_p(16), 16)  # an address we cannot read
     out["efault"] = errno.errorcode[ctypes.get_errno()]
     out["einval_len"] = raw_bind(keep.fileno(), sockaddr_in(80), 8)
-    unspec = bytes(2) + (80).to_bytes(2, "big") + bytes(12)  # AF_UNSPEC, 0.0.0.0:80
+    unspec = bytes(2) + (443).to_bytes(2, "big") + bytes(12)  # AF_UNSPEC, 0.0.0.0:443
     old_style = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     out["unspec_any"] = raw_bind(old_style.fileno(), unspec)
+    old_style.close()  # (443 is the dual-stack case's, below)
     six = socket.socket(socket.AF_INET6)  # an IPv4 sockaddr on an IPv6 socket
     out["wrong_family"] = raw_bind(six.fileno(), sockaddr_in(80))
     v6 = socket.socket(socket.AF_INET6)
