@@ -33,7 +33,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "_terminal": {"privileges"},
     "run": {"run", "client", "activation", "privileges", "_terminal", "broker.client"},
     "broker": {"broker", "client", "privileges", "_terminal"},
-    "cli": {"cli", "client", "run", "broker.serve", "broker.client"},
+    "cli": {"cli", "client", "run", "broker.serve", "broker.status", "broker.client"},
     "__main__": {"cli"},
     "__init__": {"client", "broker.client", "broker.aio"},
     # documented paths kept from before the layout: re-exports only

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from .client._channel import CREATOR_PATH
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = ["main"]
 
+#: The privileged program, beside this file (what client._channel runs too).
+_CREATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "creator.py")
 
-def _creator(args: argparse.Namespace) -> int:
-    """Become the creator on our own stdin/stdout: exec, no extra process."""
-    argv = [sys.executable, "-I", "-S", "-B", CREATOR_PATH, *args.creator_args]
+
+def _exec_creator(creator_args: list[str]) -> int:
+    """Become the creator on our own stdin/stdout: exec, no extra process,
+    and nothing of this package imported first."""
+    argv = [sys.executable, "-I", "-S", "-B", _CREATOR, *creator_args]
     os.execve(sys.executable, argv, {})
     raise AssertionError("not reached")
+
+
+def _creator(args: argparse.Namespace) -> int:
+    return _exec_creator(args.creator_args)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -61,6 +70,8 @@ def _proc_summary(pid: int | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="sockcreator", description="Privileged ports for unprivileged daemons."
     )
@@ -97,14 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["creator"] and not {"-h", "--help"} & set(argv[1:2]):
+        return _exec_creator(argv[2:] if argv[1:2] == ["--"] else argv[1:])
     if argv[:1] == ["run"]:
         from .run.launcher import main as run_main
 
         return run_main(argv[1:])
     if argv[:1] in (["serve"], ["status"]):
-        from .broker import serve
+        if argv[0] == "status":  # the blocking client only: no asyncio
+            from .broker.status import main as status_main
 
-        return (serve.main if argv[0] == "serve" else serve.status_main)(argv[1:])
+            return status_main(argv[1:])
+        from .broker.serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "creator" and args.creator_args[:1] == ["--"]:
         args.creator_args = args.creator_args[1:]

@@ -75,6 +75,10 @@ Exit statuses: 0 after 'T'; 10 EOF or read error (the peer went away);
 11 write error; 12 protocol error (after 'F' 'I'); 13 internal error;
 14 bad start (stdio is not one Unix stream socket, or bad options);
 15 hardening failed.
+
+Size: one file on purpose (an auditor reads it in one sitting, and nothing
+else is trusted); its code is held to a budget of 360 lines by
+tests/creator/test_creator_audit.py, the rest is this docstring and comments.
 """
 
 # The C modules, not signal.py and socket.py: those build enums when imported,

@@ -77,7 +77,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import grp
-import json
 import os
 import resource
 import signal
@@ -89,7 +88,6 @@ from .._terminal import fork_relay, terminal_in_reach
 from ..client._channel import creator_argv
 from ..client._errors import CreatorFatalError
 from ..privileges import drop_privileges, resolve_credentials
-from ._audit import describe
 from ._creator import CreatorChannel
 from ._path import SocketFile, SocketPathError, bind_unix_socket, create_socket_file
 from ._server import BrokerConfig, BrokerServer, Peer, peer_credentials
@@ -363,37 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def status_main(argv: Sequence[str] | None = None) -> int:
-    """``sockcreator status --socket PATH [--json]``: list held sockets."""
-    from .client import Broker, SocketRefusedError
+    """``sockcreator status``: see :mod:`.status` (kept here for old callers)."""
+    from .status import main as status
 
-    p = argparse.ArgumentParser(
-        prog="sockcreator status",
-        description="List the broker's held sockets and their holders (root or the "
-        "broker's admin group only).",
-    )
-    p.add_argument("--socket", required=True, metavar="PATH")
-    p.add_argument("--json", action="store_true", help="one JSON object per grant")
-    p.add_argument("--timeout", type=float, default=10.0)
-    args = p.parse_args(argv)
-    try:
-        with Broker(args.socket, timeout=args.timeout) as broker:
-            held = broker.status()
-    except SocketRefusedError as e:
-        print(f"sockcreator status: refused: {e.strerror} (root or the admin group only)",
-              file=sys.stderr)  # fmt: skip
-        return 1
-    except (OSError, CreatorFatalError) as e:
-        print(f"sockcreator status: {args.socket}: {e}", file=sys.stderr)
-        return 1
-    for h in held:
-        if args.json:
-            record = {"grant": h.grant, "share": h.share.name, "name": h.name,
-                      "uid": h.uid, "gid": h.gid, "pid": h.pid,
-                      **describe(h.request, h.backlog)}  # fmt: skip
-            print(json.dumps(record, separators=(",", ":")))
-        else:
-            print(h)
-    if not args.json:
-        sockets = {(h.request.type, h.request.address, h.request.port) for h in held}
-        print(f"{len(sockets)} sockets held, {len(held)} grants")
-    return 0
+    return status(argv)
