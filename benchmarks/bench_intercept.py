@@ -155,10 +155,11 @@ def main() -> int:
                                   "tcp:127.0.0.1:80", "--", "/bin/true"]), check=True)  # fmt: skip
             add(f"start {mode}", (time.perf_counter() - t0) * 1e6)
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"{'measurement':<44} {'median':>12}   (rounds: {args.rounds})")
+    low = {k: min(v) for k, v in results.items()}
+    print(f"{'measurement':<36} {'median':>10} {'best':>10}   (rounds: {args.rounds})")
     for k, v in med.items():
         unit = "us per bind" if not k.startswith("start") else "us"
-        print(f"{k:<44} {v:>9.1f} {unit}")
+        print(f"{k:<36} {v:>10.1f} {low[k]:>10.1f} {unit}")
     none = med["cont none"]
     print()
     if "priv authbind" in med:
@@ -168,10 +169,12 @@ def main() -> int:
     else:
         print("authbind is not installed: no comparison (apt-get install authbind)")
     ratio = med["cont ours"] / med["cont floor"]
+    best = low["cont ours"] / low["cont floor"]
     over = (med["cont ours"] - none) / max(med["cont floor"] - none, 1e-9)
     print(
-        f"unprivileged bind (CONTINUE), ours / floor: {ratio:.3f}x (target <= 1.3x)"
-        f" {'met' if ratio <= 1.3 else 'MISSED'}; added cost ours / floor's: {over:.2f}x"
+        f"unprivileged bind (CONTINUE), ours / floor: {ratio:.3f}x median, {best:.3f}x best"
+        f" (target <= 1.3x) {'met' if ratio <= 1.3 else 'MISSED'};"
+        f" added cost ours / floor's: {over:.2f}x"
     )
     print(f"start-up, run --intercept / run: {med['start intercept'] / med['start plain']:.2f}x")
     shutil.rmtree(d, ignore_errors=True)

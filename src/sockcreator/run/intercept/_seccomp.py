@@ -138,20 +138,26 @@ class Notification:
     __slots__ = ("addr", "addrlen", "arch", "fd", "id", "nr", "pid")
 
     def __init__(self, raw: bytes) -> None:
-        nid, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(raw)
+        nid, pid, _flags, nr, arch, _ip, fd, addr, addrlen, *_ = _NOTIF.unpack(raw)
         self.id, self.pid, self.nr, self.arch = nid, pid, nr, arch
-        self.fd = ctypes.c_int(args[0] & 0xFFFFFFFF).value
-        self.addr = args[1]
-        self.addrlen = ctypes.c_int(args[2] & 0xFFFFFFFF).value
+        fd &= 0xFFFFFFFF  # int arguments: the low 32 bits, signed
+        self.fd = fd - (1 << 32) if fd >= 1 << 31 else fd
+        self.addr = addr
+        addrlen &= 0xFFFFFFFF
+        self.addrlen = addrlen - (1 << 32) if addrlen >= 1 << 31 else addrlen
 
 
+# Buffers made once: the CONTINUE path runs for every unprivileged bind.
 _recv_buf = ctypes.create_string_buffer(_NOTIF.size)
+_zero = bytes(_NOTIF.size)
+_resp_buf = ctypes.create_string_buffer(_RESP.size)
+_ioctl = _libc.ioctl
 
 
 def notif_recv(listener: int) -> Notification:
     """The next notification (OSError ENOENT: its task is gone already)."""
-    ctypes.memset(_recv_buf, 0, _NOTIF.size)  # the kernel wants it zeroed
-    if _libc.ioctl(listener, _NOTIF_RECV, _recv_buf) != 0:
+    ctypes.memmove(_recv_buf, _zero, _NOTIF.size)  # the kernel wants it zeroed
+    if _ioctl(listener, _NOTIF_RECV, _recv_buf) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return Notification(_recv_buf.raw)
@@ -160,8 +166,9 @@ def notif_recv(listener: int) -> Notification:
 def notif_send(listener: int, nid: int, *, error: int = 0, flags: int = 0) -> bool:
     """Answer: 0 (``error`` 0), an errno, or CONTINUE.  False if the task is
     gone (ENOENT: it was killed meanwhile)."""
-    buf = ctypes.create_string_buffer(_RESP.pack(nid, 0, -error, flags), _RESP.size)
-    if _libc.ioctl(listener, _NOTIF_SEND, buf) != 0:
+    buf = _resp_buf
+    _RESP.pack_into(buf, 0, nid, 0, -error, flags)
+    if _ioctl(listener, _NOTIF_SEND, buf) != 0:
         e = ctypes.get_errno()
         if e == 2:  # ENOENT
             return False
@@ -180,14 +187,20 @@ class _IoVec(ctypes.Structure):
 
 
 _mem_buf = ctypes.create_string_buffer(128)
+_local, _remote = _IoVec(ctypes.addressof(_mem_buf), 0), _IoVec(0, 0)
+_vm_readv = _libc.syscall
+_vm_args = (ctypes.byref(_local), ctypes.c_ulong(1), ctypes.byref(_remote), ctypes.c_ulong(1),
+            ctypes.c_ulong(0))  # fmt: skip
 
 
 def read_memory(pid: int, address: int, length: int) -> bytes:
     """``length`` (at most 128) bytes of task ``pid``'s memory, read once."""
-    local = _IoVec(ctypes.addressof(_mem_buf), length)
-    remote = _IoVec(address, length)
-    n = _syscall("process_vm_readv", ctypes.c_int(pid), ctypes.byref(local), ctypes.c_ulong(1),
-                 ctypes.byref(remote), ctypes.c_ulong(1), ctypes.c_ulong(0))  # fmt: skip
+    _local.len = _remote.len = length
+    _remote.base = address
+    n = _vm_readv(ctypes.c_long(_nr["process_vm_readv"]), ctypes.c_int(pid), *_vm_args)
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"process_vm_readv: {os.strerror(e)}")
     return _mem_buf.raw[:n]
 
 

@@ -133,7 +133,10 @@ class Supervisor:
 
     def _continue(self, n: _seccomp.Notification) -> None:
         self.counts["continue"] += 1
-        self._answer(n, flags=_seccomp.CONTINUE)
+        try:  # (ENOENT, the task gone, is False: nothing to do for a CONTINUE)
+            _seccomp.notif_send(self.listener, n.id, flags=_seccomp.CONTINUE)
+        except OSError:
+            self.counts["gone"] += 1
 
     # One bind ---------------------------------------------------------------
 
@@ -144,11 +147,16 @@ class Supervisor:
             raw = _seccomp.read_memory(n.pid, n.addr, n.addrlen)
         except OSError:  # EFAULT: a bad pointer (the kernel says EFAULT); EPERM: not ours
             return self._continue(n)
-        if not _seccomp.notif_id_valid(self.listener, n.id):
+        # The port sits at the same place in sockaddr_in and sockaddr_in6: most
+        # binds (port 0, unprivileged ports) are decided from it alone, and
+        # CONTINUE does nothing a stale notification could abuse.
+        if not 0 < int.from_bytes(raw[2:4], "big") < self.first_unprivileged:
+            return self._continue(n)
+        if not _seccomp.notif_id_valid(self.listener, n.id):  # the copy is of a live call
             self.counts["gone"] += 1
             return None
         target = parse_sockaddr(raw)
-        if target is None or not 0 < target.port < self.first_unprivileged:
+        if target is None:
             return self._continue(n)
         dup = self._their_socket(n)
         if dup is None:
