@@ -68,14 +68,17 @@ def _match(rule: Rule, proto: str, address: ipaddress._BaseAddress, port: int) -
 
 
 def allowed(rules: list[Rule], proto: str, target: Target, v6only: bool) -> bool:
-    """The specs' answer, with the creator's rule for IPv6 sockets that take
-    IPv4 traffic (a mapped address, or '::' with V6ONLY off)."""
+    """The specs' answer, with the creator's rule for IPv6 sockets that may
+    take IPv4 traffic (a mapped address, or '::', whose V6ONLY PROGRAM may
+    still change).  ``v6only`` is what the socket says now (kept for the log)."""
     address = ipaddress.ip_address(target.packed)
     if not any(_match(r, proto, address, target.port) for r in rules):
         return False
     if isinstance(address, ipaddress.IPv6Address):
         v4 = address.ipv4_mapped
-        if v4 is None and address.is_unspecified and not v6only:
+        if v4 is None and address.is_unspecified:
+            # As the creator decides it: PROGRAM could still turn V6ONLY off
+            # up to the bind, so '::' needs the IPv4 wildcard whatever it says now.
             v4 = ipaddress.IPv4Address(0)
         if v4 is not None:
             return any(_match(r, proto, v4, target.port) for r in rules)

@@ -176,7 +176,10 @@ class Supervisor:
             )
             if not allowed(self.rules, proto, target, v6only):
                 self.counts["denied"] += 1
-                self._log(f"denied pid {n.pid}: bind {proto} {target} (not allowed)")
+                why = "not allowed"
+                if target.family == socket.AF_INET6 and not any(target.packed):
+                    why += f"; '::' needs {proto}:0.0.0.0:{target.port} too"
+                self._log(f"denied pid {n.pid}: bind {proto} {target} ({why})")
                 return self._answer(n, error=errno.EACCES)
             err = self._bind(dup, target)
         self.counts["bound" if err == 0 else "failed"] += 1
