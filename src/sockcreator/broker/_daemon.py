@@ -11,6 +11,7 @@ import errno
 import grp
 import os
 import socket
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +22,11 @@ from . import _notify
 from ._audit import describe
 from ._creator import CreatorChannel, Outcome
 from ._server import BrokerServer
-from .policy import Policy, PolicyError, changes, load_policy, outside
+from .policy import Policy, PolicyError, changes, outside, parse_policy
 
 __all__ = ["Daemon", "take_environment"]
 
+_MAX_POLICY = 1 << 20  # bytes read of a policy file at a reload
 _STATUS_EVERY = 5.0  # seconds between STATUS= updates (sent only when they change)
 
 
@@ -51,12 +53,14 @@ class Daemon:
     def __init__(
         self,
         policy_path: str,
+        policy_dir: int,
         server: BrokerServer,
         policy: Policy,
         allow: list[str] | None,
         notifier: _notify.Notifier,
     ) -> None:
         self.policy_path, self.server, self.policy, self.allow = policy_path, server, policy, allow
+        self.policy_dir = policy_dir
         self.notifier = notifier
         self.ready = False
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -121,13 +125,24 @@ class Daemon:
         self._timers.clear()
         self.server.stop(status)
 
+    def _load(self) -> Policy:
+        """The policy file again, by its name in the directory it was in at
+        start (a descriptor kept from before the drop: the way there may be
+        closed to ``--user``; the file itself must be readable by it)."""
+        name = os.path.basename(self.policy_path)
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.policy_dir)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise PolicyError("it is not a regular file")
+            return parse_policy(f.read(_MAX_POLICY + 1)[:_MAX_POLICY].decode("utf-8"))
+
     def reload(self) -> None:
         """SIGHUP: the policy file again (see docs/broker.md, "Reloading")."""
         self._notify(_notify.reloading())
         path = self.policy_path
         record: dict[str, Any] = {"policy": os.path.abspath(path)}
         try:
-            new = load_policy(path)
+            new = self._load()
             if not new.rules:
                 raise PolicyError("it allows nothing")
         except (OSError, ValueError) as e:  # PolicyError, and text that is not UTF-8
@@ -153,6 +168,7 @@ class Daemon:
         self._notify(_notify.ready(self.status_text()))
 
 
+_MAX_POLICY = 1 << 20  # bytes read of a policy file at a reload
 _STATUS_EVERY = 5.0  # seconds between STATUS= updates (sent only when they change)
 
 

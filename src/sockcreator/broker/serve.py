@@ -265,8 +265,18 @@ async def _run(
                 return _fail(EXIT_SOCKET, str(e))
             listener = socket_file.socket
             where = os.path.abspath(args.socket)
-        # closes the socket (and the directory's descriptor) at the end
-        with socket_file if socket_file is not None else contextlib.closing(listener):
+        with contextlib.ExitStack() as stack:
+            # closes the socket (and the directory's descriptor) at the end
+            stack.enter_context(socket_file or contextlib.closing(listener))
+            # (for reloads: the policy's directory may be closed to --user)
+            try:
+                policy_dir = os.open(
+                    os.path.dirname(os.path.abspath(args.policy)),
+                    os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+                )
+            except OSError as e:
+                return _fail(EXIT_CONFIG, f"policy {args.policy}: its directory: {e.strerror}")
+            stack.callback(os.close, policy_dir)
             if root:
                 try:
                     drop_privileges(args.user)
@@ -276,7 +286,7 @@ async def _run(
                 except (OSError, ValueError, LookupError) as e:
                     return _fail(EXIT_PRIVILEGES, f"cannot drop privileges: {e}")
             server = BrokerServer(config, creator, listener)
-            daemon = Daemon(args.policy, server, config.policy, allow, notifier)
+            daemon = Daemon(args.policy, policy_dir, server, config.policy, allow, notifier)
 
             def creator_died(e: CreatorFatalError) -> None:
                 server.audit.log("fatal", what="creator", error=str(e))
