@@ -88,6 +88,7 @@ class Daemon:
                 answer = errno.errorcode.get(outcome.errno or 0, str(outcome.errno))
             self.ready = True
             self.server.audit.log("ready", probe=describe(probe, None), answer=answer)
+            self.server.audit.flush()  # the line before the news, as for every answer
             self._notify(_notify.ready(self.status_text()))
             self._schedule()
 
