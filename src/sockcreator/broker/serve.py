@@ -61,15 +61,15 @@ supplementary groups) when it connects.  The wire protocol is in
 Every grant, denial and release is one JSON line on stderr (the audit log),
 written before its answer is sent.
 
-The pieces: :mod:`._broker_table` (the sharing rules and the bookkeeping, a
-pure object), :mod:`._broker_server` (connections, requests, answers),
-:mod:`._broker_creator` (the link to the creator), :mod:`._broker_audit`
-(the log), :mod:`._broker_path` (the socket file); this module is the
-command line.
+SIGHUP reloads the policy; sd_notify; a socket passed by the starter
+(LISTEN_FDS): :mod:`._daemon` (docs/broker.md, "Reloading the policy").
+
+The pieces are listed in :mod:`sockcreator.broker`; this module is the command line.
 
 Exit statuses: 0 stopped by SIGTERM/SIGINT; 1 the creator died; 3 bad
-configuration (policy, user, group, limits); 4 the socket path cannot be
-used; 5 the creator cannot be started; 6 privileges cannot be dropped.
+configuration (policy, user, group, limits, NOTIFY_SOCKET); 4 the socket
+path (or the passed socket) cannot be used; 5 the creator cannot be
+started; 6 privileges cannot be dropped.
 """
 
 from __future__ import annotations
