@@ -28,7 +28,7 @@ PDEATHSIG                   test_creator_whose_parent_died_before_pdeathsig_neve
 the broker (root)           a client killed -9 (its grants released, its ports
                             free for others), the broker killed -9 (its
                             creator goes too), its creator killed -9 (exit
-                            1), SIGTERM/SIGINT (exit 0), SIGHUP, a client that
+                            1), SIGTERM/SIGINT (exit 0), SIGHUP (a reload), a client that
                             never reads (cut off, nobody delayed), clients
                             gone with answers due, EMFILE; handed-out sockets
                             keep working through all of it
@@ -1128,15 +1128,21 @@ def test_broker_stopped_by_signal_tells_its_clients(
 
 
 @requires_root
-def test_broker_sighup_kills_it_and_its_creator(broker: BrokerUnderTest) -> None:
-    """No handler for SIGHUP: the broker dies of it (status -1), and PDEATHSIG
-    or EOF takes the creator with it; nothing privileged is left."""
+def test_broker_sighup_reloads_and_keeps_serving(broker: BrokerUnderTest) -> None:
+    """SIGHUP reloads the policy (docs/broker.md, "Reloading the policy"):
+    the broker, its creator and a live connection all go on; one audit line
+    says how the reload went (the file is unchanged: nothing added or removed)."""
     c = Broker(broker.path, timeout=BOUND)
+    s = c.request_socket("udp", "127.0.0.1", 8010)
     broker.proc.send_signal(signal.SIGHUP)
-    assert broker.proc.wait(BOUND) == -signal.SIGHUP
-    wait_for(lambda: proc_state(broker.creator_pid) in (None, "Z"), "creator gone")
-    with pytest.raises(BrokerFatalError):
-        c.request_socket("udp", "127.0.0.1", 8010)
+    wait_for(lambda: bool(broker.audit("reload")), "the reload's audit line")
+    record = broker.audit("reload")[0]
+    assert (record["result"], record["added"], record["removed"]) == ("ok", 0, 0), record
+    assert broker.proc.poll() is None and proc_state(broker.creator_pid) not in (None, "Z")
+    assert_udp_works(s)
+    s2 = c.request_socket("udp", "127.0.0.1", 8011)
+    c.release_socket(s2)
+    c.release_socket(s)
     c.close()
 
 

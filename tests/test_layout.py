@@ -32,7 +32,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "privileges": set(),
     "_terminal": {"privileges"},
     "run": {"run", "client", "activation", "privileges", "_terminal", "broker.client"},
-    "broker": {"broker", "client", "privileges", "_terminal"},
+    "broker": {"broker", "client", "privileges", "_terminal", "activation"},
     "cli": {"cli", "client", "run", "broker.serve", "broker.status", "broker.client"},
     "__main__": {"cli"},
     "__init__": {"client", "broker.client", "broker.aio"},

@@ -130,7 +130,9 @@ class BrokerProc:
 
     def audit(self, event: str | None = None) -> list[dict[str, Any]]:
         out = []
-        for line in self.log.read_text().splitlines():
+        text = self.log.read_text()
+        # Only whole lines: the broker may be writing the last one right now.
+        for line in text[: text.rfind("\n") + 1].splitlines():
             if line.startswith("{"):
                 record = json.loads(line)
                 if event is None or record["event"] == event:

@@ -8,6 +8,7 @@ unprivileged programs (see docs/broker.md).
 - :mod:`._creator`: the link to the broker's creator;
 - :mod:`._audit`: the audit log; :mod:`._path`: the socket file;
 - :mod:`.policy`: the policy file;
+- :mod:`._notify`: the service manager's notifications (``sd_notify``);
 - :mod:`.client` (``Broker``) and :mod:`.aio` (``AsyncBroker``), for
   programs, over :mod:`._clientlib`, which holds everything the two share
   that is not I/O (errors, request templates, turning answers into sockets);
@@ -15,7 +16,9 @@ unprivileged programs (see docs/broker.md).
   between them is their public signatures and the context-manager protocol.
 
 This part may import: the client library (``client``: the creator protocol,
-errors, descriptor handling) and the shared ``privileges``.  It must not
+errors, descriptor handling), the shared ``privileges`` and ``_terminal``,
+and ``activation`` (the broker's own socket may be passed by its starter:
+LISTEN_FDS).  It must not
 import ``run`` or ``creator.py``.  Only :mod:`.client` (and what it needs:
 :mod:`._protocol`) is for other parts; the rest is the daemon's own.
 """

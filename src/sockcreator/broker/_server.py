@@ -40,6 +40,7 @@ and as a connection) until the client has read or closed its end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import socket
 
@@ -65,6 +66,7 @@ from ._shared import (
     peer_credentials,
 )
 from ._table import Entry, ShareTable
+from .policy import Policy
 
 __all__ = ["BrokerConfig", "BrokerServer", "Peer", "peer_credentials"]
 
@@ -253,6 +255,26 @@ class BrokerServer:
         self.recount(list(self.draining))
         if self.draining:
             self._sweeper = self.loop.call_later(_SWEEP, self._sweep)
+
+    # Reloading ---------------------------------------------------------------
+
+    def set_policy(self, policy: Policy) -> None:
+        """Decide every later request by ``policy``: new connections take it
+        from the configuration; each live one gets its peer's rules again,
+        and forgets the decisions it had cached.  Grants already made stay,
+        and so does a request already waiting for its socket (it was decided
+        before).  Frames queued behind it are decided when they are handled:
+        by ``policy``."""
+        self.config = dataclasses.replace(self.config, policy=policy)
+        for conn in self.connections:
+            conn.policy = policy.for_peer(conn.peer.uid, conn.peer.groups)
+            conn.allowed.clear()
+
+    def counts(self) -> tuple[int, int, int]:
+        """(connections, sockets held, grants): for STATUS= and the audit."""
+        sockets = sum(1 for e in self.table.entries.values() if e.sock is not None)
+        grants = sum(len(h) for h in self.table.held.values())
+        return len(self.connections), sockets, grants
 
     # Running -----------------------------------------------------------------
 

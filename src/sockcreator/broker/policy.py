@@ -30,6 +30,7 @@ checks each user against the exact tables.
 
 from __future__ import annotations
 
+import collections
 import grp
 import ipaddress
 import pwd
@@ -47,7 +48,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
-__all__ = ["PeerPolicy", "Policy", "PolicyError", "Rule", "load_policy", "parse_policy"]
+__all__ = [
+    "PeerPolicy",
+    "Policy",
+    "PolicyError",
+    "Rule",
+    "changes",
+    "load_policy",
+    "outside",
+    "parse_policy",
+]
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 _KEYS = {"users", "groups", "protocols", "addresses", "ports"}
@@ -149,6 +159,50 @@ def _subsumed(spec: str, specs: Mapping[str, None]) -> bool:
     host, ports = rest.rsplit(":", 1)
     wider = {f"*:{host}:{ports}", f"{proto}:*:{ports}", f"*:*:{ports}"} - {spec}
     return not wider.isdisjoint(specs)
+
+
+def _split(spec: str) -> tuple[str, str, int, int]:
+    proto, rest = spec.split(":", 1)
+    host, ports = rest.rsplit(":", 1)
+    lo, _, hi = ports.partition("-")
+    return proto, host, int(lo), int(hi or lo)
+
+
+def outside(fence: list[str] | None, wanted: list[str] | None) -> list[str]:
+    """The specs of ``wanted`` (a :meth:`Policy.creator_allow` list; None is
+    everything) that the creator started with ``fence`` would refuse: empty
+    if every request ``wanted`` allows is within ``fence``.  Conservative: a
+    spec is within the fence only if, for each of its protocols, the fence's
+    specs for that protocol (or ``*``) and its host (or ``*``) together cover
+    its whole port range."""
+    if fence is None:
+        return []
+    if wanted is None:
+        return ["*:*:0-65535"]
+    have = [_split(s) for s in fence]
+    out = []
+    for spec in wanted:
+        proto, host, lo, hi = _split(spec)
+        for p in ("tcp", "udp") if proto == "*" else (proto,):
+            ranges = sorted((a, b) for fp, fh, a, b in have if fp in ("*", p) and fh in ("*", host))
+            need = lo
+            for a, b in ranges:
+                if a > need:
+                    break
+                need = max(need, b + 1)
+            if need <= hi:
+                out.append(spec)
+                break
+    return out
+
+
+def changes(old: Policy, new: Policy) -> tuple[int, int]:
+    """(tables added, tables removed) from ``old`` to ``new``, as resolved
+    rules: a table only reordered, or whose names resolve to the same ids,
+    is unchanged."""
+    added = collections.Counter(new.rules)
+    added.subtract(old.rules)
+    return sum(n for n in added.values() if n > 0), -sum(n for n in added.values() if n < 0)
 
 
 def _where(index: int, key: str) -> str:

@@ -61,21 +61,22 @@ supplementary groups) when it connects.  The wire protocol is in
 Every grant, denial and release is one JSON line on stderr (the audit log),
 written before its answer is sent.
 
-The pieces: :mod:`._broker_table` (the sharing rules and the bookkeeping, a
-pure object), :mod:`._broker_server` (connections, requests, answers),
-:mod:`._broker_creator` (the link to the creator), :mod:`._broker_audit`
-(the log), :mod:`._broker_path` (the socket file); this module is the
-command line.
+SIGHUP reloads the policy; sd_notify; a socket passed by the starter
+(LISTEN_FDS): :mod:`._daemon` (docs/broker.md, "Reloading the policy").
+
+The pieces are listed in :mod:`sockcreator.broker`; this module is the command line.
 
 Exit statuses: 0 stopped by SIGTERM/SIGINT; 1 the creator died; 3 bad
-configuration (policy, user, group, limits); 4 the socket path cannot be
-used; 5 the creator cannot be started; 6 privileges cannot be dropped.
+configuration (policy, user, group, limits, NOTIFY_SOCKET); 4 the socket
+path (or the passed socket) cannot be used; 5 the creator cannot be
+started; 6 privileges cannot be dropped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import grp
 import os
 import resource
@@ -88,7 +89,9 @@ from .._terminal import fork_relay, terminal_in_reach
 from ..client._channel import creator_argv
 from ..client._errors import CreatorFatalError
 from ..privileges import drop_privileges, resolve_credentials
+from . import _notify
 from ._creator import CreatorChannel
+from ._daemon import Daemon, take_environment
 from ._path import SocketFile, SocketPathError, bind_unix_socket, create_socket_file
 from ._server import BrokerConfig, BrokerServer, Peer, peer_credentials
 from ._table import shareable
@@ -153,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         "4 the socket path cannot be used; 5 the creator cannot start; "
         "6 privileges cannot be dropped.",
     )
-    p.add_argument("--socket", required=True, metavar="PATH", help="the broker's Unix socket")
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the broker's Unix socket (required unless the starter passes one: "
+        "LISTEN_FDS; given too, it must be that socket's path)",
+    )
     p.add_argument(
         "--policy", default=DEFAULT_POLICY, metavar="FILE", help=f"TOML (default {DEFAULT_POLICY})"
     )
@@ -164,9 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the creator as this user: one of its own, not --user (required as root)",
     )
     p.add_argument(
-        "--mode", type=_mode, default=0o666, help="socket file mode, octal (default 0666)"
+        "--mode",
+        type=_mode,
+        help="socket file mode, octal (default 0666); with an inherited socket: checked, not set",
     )
-    p.add_argument("--group", "-g", help="socket file group")
+    p.add_argument("--group", "-g", help="socket file group (inherited socket: checked)")
     p.add_argument("--admin-group", help="members may ask for status (root always may)")
     p.add_argument("--max-connections", type=int, default=1024)
     p.add_argument("--max-connections-per-user", type=int, default=64)
@@ -225,9 +235,13 @@ def _raise_nofile() -> int:
 
 
 async def _run(
-    args: argparse.Namespace, config: BrokerConfig, allow: list[str] | None, loop_name: str
+    args: argparse.Namespace,
+    config: BrokerConfig,
+    allow: list[str] | None,
+    loop_name: str,
 ) -> int:
     root = os.geteuid() == 0
+    notifier: _notify.Notifier = args.notifier
     try:
         creator = CreatorChannel(
             creator_argv(allow=allow, user=args.creator_user if root else None)
@@ -236,13 +250,31 @@ async def _run(
     except (OSError, ValueError, KeyError) as e:
         return _fail(EXIT_CREATOR, f"cannot start the creator: {e}")
     try:
-        gid = grp.getgrnam(args.group).gr_gid if args.group else None
-        try:
-            socket_file = create_socket_file(args.socket, args.mode, gid)
-        except (SocketPathError, OSError) as e:
-            return _fail(EXIT_SOCKET, str(e))
-        with socket_file:  # closes the socket and its directory's descriptor
+        socket_file: SocketFile | None = None
+        if args.inherited is not None:
+            listener = args.inherited
+            where = args.socket_path
+        else:
+            gid = grp.getgrnam(args.group).gr_gid if args.group else None
+            mode = 0o666 if args.mode is None else args.mode
+            try:
+                socket_file = create_socket_file(args.socket, mode, gid)
+            except (SocketPathError, OSError) as e:
+                return _fail(EXIT_SOCKET, str(e))
             listener = socket_file.socket
+            where = os.path.abspath(args.socket)
+        with contextlib.ExitStack() as stack:
+            # closes the socket (and the directory's descriptor) at the end
+            stack.enter_context(socket_file or contextlib.closing(listener))
+            # (for reloads: the policy's directory may be closed to --user)
+            try:
+                policy_dir = os.open(
+                    os.path.dirname(os.path.abspath(args.policy)),
+                    os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+                )
+            except OSError as e:
+                return _fail(EXIT_CONFIG, f"policy {args.policy}: its directory: {e.strerror}")
+            stack.callback(os.close, policy_dir)
             if root:
                 try:
                     drop_privileges(args.user)
@@ -252,39 +284,58 @@ async def _run(
                 except (OSError, ValueError, LookupError) as e:
                     return _fail(EXIT_PRIVILEGES, f"cannot drop privileges: {e}")
             server = BrokerServer(config, creator, listener)
+            daemon = Daemon(args.policy, policy_dir, server, config.policy, allow, notifier)
 
             def creator_died(e: CreatorFatalError) -> None:
                 server.audit.log("fatal", what="creator", error=str(e))
-                server.stop(EXIT_CREATOR_DIED)
+                daemon.stop(EXIT_CREATOR_DIED)
 
             creator.on_fatal = creator_died
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, server.stop, EXIT_OK)
+                loop.add_signal_handler(sig, daemon.stop, EXIT_OK)
+            loop.add_signal_handler(signal.SIGHUP, daemon.reload)
             server.audit.log(
                 "start",
                 pid=os.getpid(),
                 creator_pid=creator.pid,
-                socket=os.path.abspath(args.socket),
+                socket=where,
+                inherited=args.inherited is not None,
+                notify=notifier.address or None,
+                watchdog_usec=notifier.watchdog_usec,
                 uid=os.getuid(),
                 allow=allow,
                 loop=loop_name,
             )
+            daemon.start(creator)
             status = await server.serve()
             server.audit.log("stop", status=status)
             server.audit.flush()
-            # Ours still?  Through the directory's descriptor, following
-            # nothing; needs write access to it, which went with root: may fail.
-            socket_file.unlink_if_ours()
+            if socket_file is not None:
+                # Ours still?  Through the directory's descriptor, following
+                # nothing; needs write access to it, which went with root: may fail.
+                socket_file.unlink_if_ours()
             return status
     finally:
         await creator.terminate()
+        notifier.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``sockcreator serve``: run until SIGTERM; the exit status."""
     args = build_parser().parse_args(argv)
     root = os.geteuid() == 0
+    problem = take_environment(args)  # first: no child may see the starter's variables
+    if problem is not None:
+        return _fail(EXIT_SOCKET if problem[0] == "socket" else EXIT_CONFIG, problem[1])
+    status = _main(args, root)
+    if args.inherited is not None and args.inherited.fileno() != -1:
+        args.inherited.close()
+    args.notifier.close()
+    return status
+
+
+def _main(args: argparse.Namespace, root: bool) -> int:
     if root and args.user is None:
         return _fail(EXIT_CONFIG, "give --user: the broker does not run as root")
     if root and args.creator_user is None:
