@@ -15,7 +15,7 @@ Started as root, in this order:
    creator fences in everything, the broker checks each user exactly.  C
    must be a user of its own, neither U nor root: Linux charges descriptors
    in flight to the sender's user, and clients can make the broker's sends
-   wait (see "Descriptors in flight" in :mod:`._broker_server`), so the
+   wait (see "Descriptors in flight" in :mod:`._server`), so the
    creator must not share U's budget.
 3. Create the listening socket at PATH safely, following no symlink that
    anyone but root controls.  PATH's directory is reached by walking it from
@@ -37,7 +37,7 @@ Started as root, in this order:
    with no readable handle on the terminal, while a relay in root's session
    forwards signals, drops to U once the broker has, and exits with its
    status.
-5. Serve, in one asyncio process (:mod:`._broker_server`): a reader
+5. Serve, in one asyncio process (:mod:`._server`): a reader
    callback per connection, every read and write bounded and, while a frame
    is unfinished or an answer unread, timed out.  A slow or stuck client
    delays nobody else.
