@@ -339,3 +339,45 @@ def test_coverage_overlaps(a: tuple[str, int], b: tuple[str, int], overlap: bool
     ca, cb = (coverage(make_request("udp", h, 53, options=o)) for h, o in (a, b))
     assert overlaps(ca, cb) is overlap
     assert overlaps(cb, ca) is overlap
+
+
+def test_a_lingering_socket_goes_to_its_last_holders_successor_only() -> None:
+    """Linger (``serve --linger``): the last release keeps the socket open,
+    counted against the limits and still held, for sharing, by its last
+    holder; its successor (same share mode, name and uid) gets the very same
+    socket; anyone the last holder would not share with is refused, also on
+    an overlapping address; expiry hands it back once, and a timer of an
+    older lingering is void."""
+    table = ShareTable(8, 8, linger=True)
+    web = make_request("tcp", "127.0.0.1", 80)
+    g = table.claim("a", 1, web, 5, ShareMode.SAMEAPP, "web")
+    assert isinstance(g, Grant) and g.creates
+    sock = object()
+    table.created(g.entry, sock, 80)
+    assert table.release(g) is None  # lingers
+    entry = g.entry
+    assert entry.phantom == (ShareMode.SAMEAPP, "web", 1) and entry.sock is sock
+    table.check()
+    assert table.claim("b", 2, web, 5, ShareMode.SAMEAPP, "web") is Reason.SHARE  # other uid
+    wild = make_request("tcp", "0.0.0.0", 80)
+    assert table.claim("b", 2, wild, 5, ShareMode.NO, "") is Reason.SHARE  # overlaps
+    assert table.live == 1
+    gen = entry.gen
+    again = table.claim("c", 1, web, 5, ShareMode.SAMEAPP, "web")  # the successor
+    assert isinstance(again, Grant) and again.entry is entry and entry.sock is sock
+    assert entry.phantom is None
+    table.check()
+    assert table.expire(entry, gen) is None  # taken again: the old timer is void
+    assert table.release(again) is None and entry.gen == gen + 1  # lingers anew
+    assert table.expire(entry, gen) is None
+    assert table.expire(entry, gen + 1) is sock  # now it is over
+    assert table.live == 0 and not table.entries
+    table.check()
+    # ANY lingering: anyone asking ANY may take it over
+    g = table.claim("a", 1, web, None, ShareMode.ANY, "")
+    assert isinstance(g, Grant)
+    table.created(g.entry, sock, 80)
+    table.release(g)
+    other = table.claim("b", 2, web, None, ShareMode.ANY, "")
+    assert isinstance(other, Grant) and other.entry is g.entry and g.entry.phantom is None
+    table.check()

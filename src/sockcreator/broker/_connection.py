@@ -371,8 +371,7 @@ class _Connection:
                 f'{self.who},"grant":{g.id},"cause":"disconnect",'
                 f'"holders":{len(g.entry.grants)},{_what(g.entry)}',
             )
-            if sock is not None:
-                server.close_socket(g.entry, sock)
+            server.let_go(g.entry, sock, self.who)
         for _, made in self.out:
             if made is not None:
                 server.sent(made)
@@ -480,8 +479,7 @@ class _Connection:
             f'{self.who},"id":{m.id},"grant":{g.id},"cause":"request",'
             f'"holders":{len(entry.grants)},{_what(entry)}',
         )
-        if sock is not None:
-            server.close_socket(entry, sock)
+        server.let_go(entry, sock, self.who)
         self._queue(_K.pack(b"K", 4, m.id))
 
     def _status(self, m: StatusQuery) -> None:
@@ -511,6 +509,14 @@ class _Connection:
         for entry in list(self.server.table.entries.values()):
             if entry.sock is None:
                 continue
+            if entry.phantom is not None:  # lingering: grant 0, its last holder's share and uid
+                share, name, uid = entry.phantom
+                chunk.append(
+                    StatusEntry(
+                        rid, 0, entry.request, share, name, entry.backlog, uid, 0, 0
+                    ).encode()
+                )
+                count += 1
             for g in list(entry.grants.values()):
                 p: Peer = g.owner.peer
                 frame = StatusEntry(

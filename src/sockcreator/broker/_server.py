@@ -63,6 +63,7 @@ from ._shared import (
     _Made,
     _unread,
     _Wanted,
+    _what,
     peer_credentials,
 )
 from ._table import Entry, ShareTable
@@ -90,7 +91,7 @@ class BrokerServer:
         self.listener = listener
         self.loop = asyncio.get_running_loop()
         self.audit = Audit(audit_fd, self._want_flush)
-        self.table = ShareTable(config.max_sockets, config.max_held)
+        self.table = ShareTable(config.max_sockets, config.max_held, linger=config.linger > 0)
         self.connections: set[_Connection] = set()
         self.per_uid: dict[int, int] = {}  # connections (draining ones too) by uid
         self.draining: set[_Connection] = set()  # closed, with descriptors still unread
@@ -174,6 +175,22 @@ class BrokerServer:
         entry.extra = _Made(entry, w, sock)
         for g in grants:
             g.owner.ready(g, None)
+
+    def let_go(self, entry: Entry, sock: socket.socket | None, who: str) -> None:
+        """After the table released a grant: close what it handed back, or,
+        if the socket now lingers, say so and set its expiry."""
+        if sock is not None:
+            self.close_socket(entry, sock)
+        elif entry.phantom is not None and not entry.grants:
+            seconds = self.config.linger
+            self.audit.event("linger", f'{who},"seconds":{seconds},{_what(entry)}')
+            self.loop.call_later(seconds, self._expire, entry, entry.gen)
+
+    def _expire(self, entry: Entry, gen: int) -> None:
+        sock = self.table.expire(entry, gen)
+        if sock is not None:  # (else it was taken again, or lingers anew)
+            self.audit.event("expire", f'"holders":0,{_what(entry)}')
+            self.close_socket(entry, sock)
 
     def close_socket(self, entry: Entry, sock: socket.socket) -> None:
         """Close a socket the table let go of (once its queued grants are sent)."""

@@ -146,7 +146,10 @@ class Entry:
     """One cached socket (``sock`` is None while it is being created) and
     its grants, in the order they were made.  ``extra`` is the caller's."""
 
-    __slots__ = ("backlog", "cover", "extra", "grants", "holders", "key", "request", "sock")
+    __slots__ = (
+        "backlog", "cover", "extra", "gen", "grants", "holders", "key", "phantom", "request",
+        "sock",
+    )  # fmt: skip
 
     def __init__(self, key: Key, request: Request, backlog: int | None) -> None:
         self.key = key
@@ -157,6 +160,10 @@ class Entry:
         self.grants: dict[int, Grant] = {}
         self.holders = Holders()
         self.extra: Any = None
+        #: while the socket lingers (no grant, kept open): its last holder's
+        #: (share, name, uid), still counted in ``holders``
+        self.phantom: tuple[ShareMode, str, int] | None = None
+        self.gen = 0  # which lingering this is (a timer for an older one is void)
 
 
 class Grant:
@@ -180,9 +187,11 @@ class ShareTable:
     """Every cached socket and every grant.  ``max_held``: grants per owner;
     ``max_sockets``: entries alive at once (cached or being created)."""
 
-    def __init__(self, max_sockets: int, max_held: int) -> None:
+    def __init__(self, max_sockets: int, max_held: int, *, linger: bool = False) -> None:
         self.max_sockets = max_sockets
         self.max_held = max_held
+        #: keep a socket whose last grant ended, for its last holder's successor
+        self.linger = linger
         self.entries: dict[Key, Entry] = {}  # by key (port-0 entries once created)
         #: the same entries by (type, port): the ones whose addresses may overlap
         self.by_port: dict[tuple[int, int], list[Entry]] = {}
@@ -216,8 +225,12 @@ class ShareTable:
         if entry is not None:
             if entry.request.options != request.options or entry.backlog != backlog:
                 return Reason.OPTIONS
+            if entry.phantom == (share, name, uid):  # its last holder's successor
+                self._unghost(entry)
             if not entry.holders.admit(share, (name, uid)):
                 return Reason.SHARE
+            if entry.phantom is not None:  # someone its last holder would share with
+                self._unghost(entry)
         if port:
             near = self.by_port.get((key[0], port))
             if near is not None and (len(near) > 1 or near[0] is not entry):
@@ -291,14 +304,37 @@ class ShareTable:
         return g if g is not None and g.entry.sock is not None else None
 
     def release(self, g: Grant) -> Any:
-        """End ``g``; the cached socket to close if it was the last grant."""
+        """End ``g``; the cached socket to close if it was the last grant.
+        With ``linger``, the last grant leaves it open instead, *lingering*
+        (``entry.phantom`` set): the caller calls :meth:`expire` later."""
         self._drop(g)
         entry = g.entry
         if entry.grants or entry.sock is None:  # still held, or still being created
             return None
+        if self.linger:
+            entry.phantom = (g.share, g.name, g.uid)
+            entry.holders.change(g.share, (g.name, g.uid), 1)
+            entry.gen += 1
+            return None
         sock, entry.sock = entry.sock, None
         self._forget(entry)
         return sock
+
+    def expire(self, entry: Entry, gen: int) -> Any:
+        """A lingering time is over: the socket to close, or None if it was
+        taken again meanwhile (or lingers anew: ``gen`` is not its current)."""
+        if entry.phantom is None or entry.grants or entry.gen != gen or entry.sock is None:
+            return None
+        self._unghost(entry)
+        sock, entry.sock = entry.sock, None
+        self._forget(entry)
+        return sock
+
+    def _unghost(self, entry: Entry) -> None:
+        assert entry.phantom is not None
+        share, name, uid = entry.phantom
+        entry.phantom = None
+        entry.holders.change(share, (name, uid), -1)
 
     def release_all(self, owner: Hashable) -> list[tuple[Grant, Any]]:
         """End every grant of ``owner`` (its connection closed): each one,
@@ -350,6 +386,9 @@ class ShareTable:
             want = Holders()
             for g in entry.grants.values():
                 want.change(g.share, (g.name, g.uid), 1)
+            if entry.phantom is not None:
+                assert not entry.grants and entry.sock is not None, "a phantom beside grants"
+                want.change(entry.phantom[0], entry.phantom[1:], 1)
             assert (want.no, want.sameapp, want.keys) == (
                 entry.holders.no,
                 entry.holders.sameapp,

@@ -187,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--client-timeout", type=float, default=10.0, metavar="SECONDS")
     p.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep a socket open this long after its last grant ends, for its holder's "
+        "successor (zero-downtime restarts; default 0: close at once)",
+    )
+    p.add_argument(
         "--max-inflight-per-user",
         type=int,
         default=256,
@@ -388,6 +396,7 @@ def _main(args: argparse.Namespace, root: bool) -> int:
             max_pending=args.max_pending,
             max_sockets=max_sockets,
             client_timeout=args.client_timeout,
+            linger=args.linger,
             max_inflight_per_uid=args.max_inflight_per_user,
             # Linux refuses a send once the sender's user has more in flight
             # than its RLIMIT_NOFILE: stay well within it.

@@ -221,6 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
         "ports itself: its bind() calls go to a supervisor (Linux 5.19+; see docs/intercept.md)",
     )
     p.add_argument(
+        "--share",
+        choices=("NO", "SAMEAPP", "ANY"),
+        default="NO",
+        help="with --broker: the share mode of every --listen socket (default NO); "
+        "SAMEAPP lets a restarted PROGRAM (or its other workers) get the same sockets",
+    )
+    p.add_argument(
+        "--share-name",
+        default="",
+        metavar="NAME",
+        help="with --broker: the share name (SAMEAPP needs one)",
+    )
+    p.add_argument(
         "--broker",
         metavar="PATH",
         help="get the --listen sockets from the broker at PATH (no creator, no root needed)",
@@ -244,6 +257,8 @@ class Plan:
     argv: tuple[str, ...]
     broker: str | None = None
     intercept: bool = False
+    share: str = "NO"
+    share_name: str = ""
 
 
 def default_name(request: Request) -> str:
@@ -297,6 +312,10 @@ def plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
     names = tuple(_check_name(n) for n in args.name) or tuple(default_name(r) for r in listens)
     if not 0 <= args.backlog <= 2**31 - 1:
         raise LaunchError(EXIT_USAGE, f"bad --backlog {args.backlog}")
+    if args.broker is None and (args.share != "NO" or args.share_name):
+        raise LaunchError(EXIT_USAGE, "--share and --share-name go with --broker")
+    if args.share == "SAMEAPP" and not args.share_name:
+        raise LaunchError(EXIT_USAGE, "--share SAMEAPP needs --share-name")
     if args.intercept and args.broker is not None:
         raise LaunchError(EXIT_USAGE, "--intercept does not work with --broker yet")
     if args.broker is not None and (args.allow or not listens):
@@ -330,6 +349,8 @@ def plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
         argv=(args.program, *args.args),
         broker=args.broker,
         intercept=args.intercept,
+        share=args.share,
+        share_name=args.share_name,
     )
 
 
@@ -525,7 +546,9 @@ def _launch_with_broker(p: Plan, environ: dict[str, str]) -> NoReturn:
             raise LaunchError(EXIT_SYSTEM, f"cannot drop privileges: {e}") from None
     try:
         backlog = min(p.backlog, 65535)  # the kernel caps it at somaxconn anyway
-        broker, socks = get_listen_sockets(p.broker, p.listen_specs, backlog=backlog)
+        broker, socks = get_listen_sockets(
+            p.broker, p.listen_specs, backlog=backlog, share=p.share, name=p.share_name
+        )
     except SocketRefusedError as e:
         raise LaunchError(
             EXIT_REFUSED,
