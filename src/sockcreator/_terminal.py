@@ -10,15 +10,45 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import NoReturn
 
 from .privileges import Credentials, drop_to, make_non_dumpable
 
-__all__ = ["FORWARDED_SIGNALS", "fork_relay", "open_fds", "terminal_in_reach"]
+__all__ = ["FORWARDED_SIGNALS", "fork_relay", "forward_signals", "open_fds", "terminal_in_reach"]
 
 EXIT_SYSTEM = 111  # the relay could not drop (as ``sockcreator run``'s 111)
+
+
+FORWARDED_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+    if hasattr(signal, name)
+)
+
+
+def forward_signals(
+    pidfd: int, pid: int, signals: Iterable[int] = FORWARDED_SIGNALS
+) -> Callable[[int], None]:
+    """Pass these signals on to ``pid`` (through its pidfd when we have one:
+    never to a reused pid); the sender, for the caller's own use."""
+
+    def send(sig: int) -> None:
+        try:
+            if pidfd >= 0:
+                signal.pidfd_send_signal(pidfd, sig)
+            else:
+                os.kill(pid, sig)
+        except OSError:
+            pass  # gone already: its status is on its way
+
+    def forward(sig: int, _frame: FrameType | None) -> None:
+        send(sig)
+
+    for sig in signals:
+        signal.signal(sig, forward)
+    return send
 
 
 def open_fds() -> list[int]:
@@ -27,13 +57,6 @@ def open_fds() -> list[int]:
         return sorted(int(name) for name in os.listdir("/proc/self/fd"))
     except OSError:
         return list(range(os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024))
-
-
-FORWARDED_SIGNALS = tuple(
-    getattr(signal, name)
-    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
-    if hasattr(signal, name)
-)
 
 
 def _has_controlling_terminal() -> bool:
@@ -140,20 +163,7 @@ def _relay(
             except OSError:
                 pass  # the descriptor listdir used, closed by now
 
-    def send(sig: int) -> None:
-        try:
-            if pidfd >= 0:
-                signal.pidfd_send_signal(pidfd, sig)
-            else:
-                os.kill(child, sig)
-        except OSError:
-            pass  # gone already: its status is on its way
-
-    def forward(sig: int, _frame: FrameType | None) -> None:
-        send(sig)
-
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
+    send = forward_signals(pidfd, child)
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     os.read(ready, 1)  # EOF once the child has dropped (signals are forwarded meanwhile)

@@ -29,23 +29,18 @@ from __future__ import annotations
 import errno
 import os
 import select
-import signal
 import socket
 import struct
-from collections.abc import Iterable
-from types import FrameType
 
+from ..._terminal import FORWARDED_SIGNALS, forward_signals
 from ...client._protocol import BIND_ANSWER_MAX, ProtocolViolation, bind_answer, bind_request
 from ...client.specs import Rule
 from . import _seccomp
 from ._decide import Target, allowed, parse_sockaddr
 
-__all__ = ["FORWARDED", "Supervisor", "unprivileged_port_start"]
+__all__ = ["FORWARDED", "Supervisor", "forward_signals", "unprivileged_port_start"]
 
-FORWARDED = tuple(
-    getattr(signal, n)
-    for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
-)
+FORWARDED = FORWARDED_SIGNALS
 _SO_DOMAIN, _SO_PROTOCOL, _SO_NETNS_COOKIE = 39, 38, 71
 _IPV6_V6ONLY = 26
 _INT = struct.Struct("@i")
@@ -249,19 +244,3 @@ class Supervisor:
             os.write(2, f"{self.prog}: {text}\n".encode("utf-8", "replace"))
         except OSError:
             pass
-
-
-def forward_signals(pidfd: int, pid: int, signals: Iterable[int] = FORWARDED) -> None:
-    """Pass these signals on to PROGRAM (through its pidfd: never a reused pid)."""
-
-    def forward(sig: int, _frame: FrameType | None) -> None:
-        try:
-            if pidfd >= 0:
-                signal.pidfd_send_signal(pidfd, sig)
-            else:
-                os.kill(pid, sig)
-        except OSError:
-            pass  # gone already: its status is on its way
-
-    for sig in signals:
-        signal.signal(sig, forward)
