@@ -10,10 +10,10 @@ The names below are loaded when first used, so that ``import sockcreator``
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # (not typing's: importing typing costs every command ~10 ms)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .broker.aio import AsyncBroker
     from .broker.client import Broker, BrokerFatalError, SocketRefusedError
     from .client._errors import CreatorError, CreatorFatalError, SocketCreationError
@@ -58,7 +58,9 @@ def __getattr__(name: str) -> Any:
     where = _WHERE.get(name)
     if where is None:
         raise AttributeError(f"module 'sockcreator' has no attribute {name!r}")
-    value = getattr(importlib.import_module(where, __name__), name)
+    from importlib import import_module
+
+    value = getattr(import_module(where, __name__), name)
     globals()[name] = value
     return value
 
