@@ -97,6 +97,13 @@ def main() -> int:
     ap.add_argument("--restarts", type=int, default=20)
     ap.add_argument("--pause", type=float, default=0.25, help="seconds after exit (>= 0.2)")
     ap.add_argument("--interval", type=float, default=0.001, help="between connections")
+    ap.add_argument(
+        "program",
+        nargs="*",
+        metavar="-- PROGRAM",
+        help="the server to restart (default: a stdlib one); it must take its socket from "
+        "LISTEN_FDS and answer every request with a body ending in 'ok\\n', e.g. gunicorn",
+    )
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="sockc-restart-"))
     d.chmod(0o755)
@@ -104,8 +111,8 @@ def main() -> int:
     (d / "server.py").chmod(0o644)
     argv = [sys.executable, "-m", "sockcreator.cli", "run", "--broker", args.socket,
             "--user", args.user, "--share", "SAMEAPP", "--share-name", "web",
-            "--listen", f"tcp:127.0.0.1:{args.port}", "--", "/usr/bin/python3",
-            str(d / "server.py")]  # fmt: skip
+            "--listen", f"tcp:127.0.0.1:{args.port}", "--",
+            *(args.program or ["/usr/bin/python3", str(d / "server.py")])]  # fmt: skip
 
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL)

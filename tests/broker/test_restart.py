@@ -6,10 +6,12 @@ the same script, shorter)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -22,10 +24,10 @@ SOAK = Path(__file__).resolve().parents[2] / "soak" / "restart_broker.py"
 NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"
 
 
-def restarts(b: BrokerProc, n: int) -> dict[str, object]:
+def restarts(b: BrokerProc, n: int, program: Sequence[str] = ()) -> dict[str, object]:
     done = subprocess.run(
         [NSENTER, f"--net=/proc/{b.pid}/ns/net", sys.executable, str(SOAK), "--socket", b.path,
-         "--user", ALICE, "--restarts", str(n)],
+         "--user", ALICE, "--restarts", str(n), *(["--", *program] if program else [])],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -48,3 +50,45 @@ def test_restarts_refuse_nothing_with_linger(
         assert {"linger"} <= events, events
     else:  # the test can fail: without linger the gaps are refused
         assert r["refused"] > 0, r
+
+
+WSGI_OK = """
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3")])
+    return [b"ok\\n"]
+"""
+
+
+@pytest.fixture(scope="module")
+def gunicorn() -> Iterator[list[str]]:
+    """gunicorn from PyPI in a venv of Debian's python3, world-readable."""
+    d = Path(tempfile.mkdtemp(prefix="sockc-gunicorn-", dir="/tmp"))
+    d.chmod(0o755)
+    venv = d / "venv"
+    made = subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], capture_output=True)
+    pip = made.returncode == 0 and subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "gunicorn>=25.1"],
+        capture_output=True, timeout=600,
+    ).returncode == 0  # fmt: skip
+    if not pip:
+        shutil.rmtree(d, ignore_errors=True)
+        pytest.skip("cannot install gunicorn (no /usr/bin/python3 venv, or no package index)")
+    (d / "wsgi_ok.py").write_text(WSGI_OK)
+    for root, _dirs, files in os.walk(d):
+        os.chmod(root, 0o755)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, os.stat(p).st_mode | 0o444)
+    yield [str(venv / "bin" / "gunicorn"), "--no-control-socket", "--workers", "2",
+           "--chdir", str(d), "wsgi_ok:app"]  # fmt: skip
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_gunicorn_restarts_refuse_nothing_with_linger(
+    start_broker: Callable[..., BrokerProc],  # noqa: F811
+    gunicorn: list[str],
+) -> None:
+    b = start_broker(POLICY, "--linger", "10")
+    r = restarts(b, 3, gunicorn)
+    assert r["ok"] > 0 and (r["refused"], r["reset"], r["timeout"], r["other"]) == (0, 0, 0, 0), r
