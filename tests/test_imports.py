@@ -76,3 +76,16 @@ def test_creator_execs_before_importing_the_package() -> None:
     ours = {m for m in imported if m.startswith("sockcreator")}
     assert ours <= {"sockcreator", "sockcreator.__main__", "sockcreator.cli"}, ours
     assert "asyncio" not in imported and "argparse" not in imported
+
+
+def test_run_spells_the_broker_variable_as_the_broker_client_does() -> None:
+    from sockcreator.broker.client import ENV_BROKER_FD
+    from sockcreator.run.launcher import ENV_BROKER_FD as spelled
+
+    assert spelled == ENV_BROKER_FD
+
+
+def test_run_loads_the_broker_client_only_for_broker() -> None:
+    out = subprocess.run([sys.executable, "-c", PROBE, "run", "--help"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()  # fmt: skip
+    assert "sockcreator.broker.client" not in out, out

@@ -121,7 +121,6 @@ from typing import NoReturn
 
 from .._terminal import fork_relay, open_fds, terminal_in_reach
 from ..activation import SD_LISTEN_FDS_START
-from ..broker.client import ENV_BROKER_FD, SocketRefusedError, get_listen_sockets
 from ..client import specs
 from ..client._channel import creator_argv
 from ..client._errors import CreatorError, CreatorFatalError, SocketCreationError
@@ -155,6 +154,9 @@ EXIT_CANNOT_EXEC = 126
 EXIT_NOT_FOUND = 127
 
 _PROG = "sockcreator run"
+#: broker.client.ENV_BROKER_FD, spelled here: the broker client (and its wire
+#: protocol, about 70 ms of imports) is loaded only for --broker.
+ENV_BROKER_FD = "SOCKCREATOR_BROKER_FD"
 
 
 class LaunchError(Exception):
@@ -538,6 +540,8 @@ def _host(r: Request) -> str:
 
 def _launch_with_broker(p: Plan, environ: dict[str, str]) -> NoReturn:
     """--broker: drop first (if root), so the broker sees U; then as for a creator."""
+    from ..broker.client import SocketRefusedError, get_listen_sockets
+
     assert p.broker is not None
     if os.geteuid() == 0:
         try:
