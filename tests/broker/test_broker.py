@@ -140,14 +140,19 @@ class BrokerProc:
         return out
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("broker did not stop on SIGTERM") from None
+        return stop_broker(self.proc)
+
+
+def stop_broker(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, and its exit status; a broker that does not stop fails the test."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("broker did not stop on SIGTERM") from None
 
 
 @pytest.fixture

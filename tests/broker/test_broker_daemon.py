@@ -35,6 +35,7 @@ from test_broker import (
     UserClient,
     _become,
     clients,
+    stop_broker,
     wait_for,
     workdir,
 )
@@ -139,14 +140,7 @@ class Served:
         return self.audit("reload")[n]
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("broker did not stop on SIGTERM") from None
+        return stop_broker(self.proc)
 
 
 @pytest.fixture
