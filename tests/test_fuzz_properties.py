@@ -517,6 +517,7 @@ _broker_addr = st.sampled_from(["127.0.0.1", "::1", "0.0.0.0", "192.0.2.1"])
 @st.composite
 def _broker_frame(draw: st.DrawFn) -> bytes:
     from sockcreator.broker._protocol import (
+        BindFrame,
         Hello,
         Release,
         ShareMode,
@@ -524,7 +525,7 @@ def _broker_frame(draw: st.DrawFn) -> bytes:
         StatusQuery,
     )
 
-    kind = draw(st.sampled_from(["Q", "Q", "Q", "R", "L", "H", "raw", "mutated"]))
+    kind = draw(st.sampled_from(["Q", "Q", "Q", "R", "L", "H", "B", "raw", "mutated"]))
     rid = draw(st.integers(0, 2**32 - 1))
     if kind in ("Q", "mutated"):
         addr = draw(_broker_addr)
@@ -546,7 +547,10 @@ def _broker_frame(draw: st.DrawFn) -> bytes:
     if kind == "L":
         return bytes(StatusQuery(rid).encode())
     if kind == "H":
-        return bytes(Hello(draw(st.sampled_from([1, 1, 2]))).encode())
+        return bytes(Hello(draw(st.sampled_from([1, 2, 3]))).encode())
+    if kind == "B":  # (sent without its descriptor: a violation whatever the version)
+        addr = ipaddress.ip_address(draw(st.sampled_from(["127.0.0.1", "::1", "::"])))
+        return bytes(BindFrame(rid, addr, draw(st.integers(0, 65535))).encode())
     return draw(st.binary(min_size=1, max_size=12))
 
 
@@ -554,7 +558,7 @@ def _broker_frame(draw: st.DrawFn) -> bytes:
 @requires_linux
 @settings(max_examples=100 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    hello=st.sampled_from([b"H\x00\x01\x01", b"H\x00\x01\x01", b"H\x00\x01\x02", b""]),
+    hello=st.sampled_from([b"H\x00\x01\x01", b"H\x00\x01\x02", b"H\x00\x01\x03", b""]),
     frames=st.lists(_broker_frame(), max_size=8),
 )
 def test_real_broker_on_generated_frames(

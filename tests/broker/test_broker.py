@@ -557,7 +557,7 @@ NO_BACKLOG = 0xFFFFFFFF
 GOOD = SocketRequest(1, make_request("tcp", "127.0.0.1", 8000), ShareMode.ANY).encode()
 MALFORMED = {
     "not a hello first": (GOOD, b"M"),
-    "wrong version": (b"H\x00\x01\x02", b"V"),
+    "wrong version": (b"H\x00\x01\x03", b"V"),
     "oversized frame": (HELLO + b"Q\xff\xff" + b"x" * 300, b"M"),
     "unknown kind": (HELLO + b"?\x00\x00", b"M"),
     "length mismatch": (HELLO + b"R\x00\x05" + b"\x00" * 5, b"M"),

@@ -137,7 +137,7 @@ def test_request_layout() -> None:
 MALFORMED = {
     "no hello": b"L\x00\x04\x00\x00\x00\x01",
     "hello with a bad length": b"H\x00\x02\x01\x01",
-    "version 2": b"H\x00\x01\x02",
+    "version 3": b"H\x00\x01\x03",
     "oversized": HELLO + b"Q\x01\x00",
     "unknown kind": HELLO + b"Z\x00\x00",
     "short request": HELLO + b"Q\x00\x05" + bytes(5),
@@ -184,7 +184,7 @@ MALFORMED.update(
 def test_malformed_requests(case: str) -> None:
     with pytest.raises(BrokerProtocolError) as info:
         decode_all(MALFORMED[case])
-    expected = FatalCode.VERSION if case == "version 2" else FatalCode.MALFORMED
+    expected = FatalCode.VERSION if case == "version 3" else FatalCode.MALFORMED
     assert info.value.code is expected
 
 

@@ -109,13 +109,16 @@ class Server:
         *,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        argv: list[str] | None = None,
     ) -> None:
+        """``argv``: the whole command instead (``run --broker``: see
+        test_intercept_broker.py); it must leave the netns it starts in."""
         self.log = work / "server.log"
         with self.log.open("wb") as out:
             pw = pwd.getpwnam(user)  # PROGRAM may reopen it (/dev/stderr: Apache's ErrorLog)
             os.fchown(out.fileno(), pw.pw_uid, pw.pw_gid)
             self.proc = subprocess.Popen(
-                netns_argv(launcher(user, allow, program)), stdin=subprocess.DEVNULL,
+                argv or netns_argv(launcher(user, allow, program)), stdin=subprocess.DEVNULL,
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**ENV, **(env or {})}, cwd=cwd,
             )  # fmt: skip

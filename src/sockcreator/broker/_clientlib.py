@@ -24,6 +24,7 @@ from ..client._protocol import (
 )
 from ._protocol import (
     MAX_BODY,
+    BoundReply,
     BrokerMessage,
     BrokerProtocolError,
     Denied,
@@ -291,4 +292,6 @@ def _expected(kind: str, msg: BrokerMessage) -> bool:
         return isinstance(msg, (Granted, Denied))
     if kind == "release":
         return isinstance(msg, (Released, Denied))
+    if kind == "bind":
+        return isinstance(msg, (BoundReply, Denied))
     return isinstance(msg, (StatusEntry, StatusEnd, Denied))

@@ -10,12 +10,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import os
+import queue
 import socket
+import struct
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from ..client._errors import SocketCreationError
+from ..client._protocol import BindRequest, Request, SocketOptions
 from ._audit import json_text
 from ._protocol import (
+    BindFrame,
+    BoundReply,
     BrokerProtocolError,
     ClientMessage,
     Denied,
@@ -54,6 +62,77 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
+_ANCBUF = socket.CMSG_SPACE(4)  # one descriptor: a second, or more, is MSG_CTRUNC
+_CMSG_CLOEXEC = socket.MSG_CMSG_CLOEXEC
+_SO_DOMAIN, _SO_PROTOCOL = 39, 38
+_KINDS: dict[tuple[int, int], socket.SocketKind] = {
+    (socket.SOCK_STREAM, 6): socket.SOCK_STREAM,
+    (socket.SOCK_DGRAM, 17): socket.SOCK_DGRAM,
+}
+_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
+_INT = struct.Struct("@i")
+_DUAL, _PLAIN = SocketOptions.DUALSTACK, SocketOptions(0)
+_closer: queue.SimpleQueue[int] | None = None
+
+
+def is_socket(fd: int) -> bool:
+    """Whether ``fd`` is a socket, asking nothing of its file system (a
+    FUSE file's fstat() may wait for its server): /proc's link says."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    except OSError:  # no /proc
+        try:
+            return (os.fstat(fd).st_mode & 0o170000) == 0o140000
+        except OSError:
+            return False
+
+
+def dispose(fd: int) -> None:
+    """Close a descriptor a client sent.  A socket's close() never blocks;
+    another file's may (a FUSE file's flush waits for its server, which the
+    client may be), so those are closed by a thread of their own, off the
+    loop: a hung close then holds that thread and one descriptor, never the
+    broker."""
+    global _closer
+    if is_socket(fd):
+        os.close(fd)
+        return
+    if _closer is None:
+        _closer = queue.SimpleQueue()
+        threading.Thread(target=_close_forever, args=(_closer,), daemon=True).start()
+    _closer.put(fd)
+
+
+def _close_forever(fds: queue.SimpleQueue[int]) -> None:
+    while True:
+        try:
+            os.close(fds.get())
+        except OSError:
+            pass
+
+
+def bindable(fd: int, version: int) -> socket.SocketKind | int:
+    """SOCK_STREAM or SOCK_DGRAM if ``fd`` is a TCP or UDP socket of the
+    family of an IPv``version`` address, with the default protocol; else the
+    errno to refuse it with."""
+    if not is_socket(fd):
+        return errno.ENOTSOCK
+    try:
+        sock = socket.socket(fileno=os.dup(fd))  # (a socket: this cannot fail but EMFILE)
+    except OSError as e:
+        return e.errno or errno.EMFILE
+    with sock:
+        try:
+            domain = sock.getsockopt(socket.SOL_SOCKET, _SO_DOMAIN)
+            kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+            proto = sock.getsockopt(socket.SOL_SOCKET, _SO_PROTOCOL)
+        except OSError as e:
+            return e.errno or errno.EINVAL
+    if domain != _FAMILY[version]:
+        return errno.EAFNOSUPPORT
+    return _KINDS.get((kind, proto), errno.EPROTONOSUPPORT)
+
+
 # --- one client -------------------------------------------------------------------
 
 
@@ -67,6 +146,7 @@ class _Connection:
 
     __slots__ = (
         "allowed",
+        "binding",
         "closed",
         "counted",
         "decoder",
@@ -80,6 +160,7 @@ class _Connection:
         "out",
         "out_timer",
         "partial",
+        "paused",
         "peer",
         "policy",
         "poll_timer",
@@ -112,6 +193,8 @@ class _Connection:
         self.waiting: tuple[SocketRequest, _Wanted, Grant] | None = None
         self.status: Iterator[bytes] | None = None
         self.reading = False
+        self.paused = False  # not reading while a 'B' waits (its descriptor is ours)
+        self.binding: BindFrame | None = None  # the 'B' the creator is binding
         self.writing = False  # output is blocked: the client is not reading
         self.watching = False  # a writer callback is registered (the buffer is full)
         self.held_back = False  # was held back for unread descriptors (logged once)
@@ -150,37 +233,75 @@ class _Connection:
     # Input -------------------------------------------------------------------
 
     def _readable(self) -> None:
+        fds: list[int] = []
         try:
-            data = self.sock.recv(_RECV)  # no ancillary buffer: descriptors are dropped
+            if self.decoder.version < 2:
+                data = self.sock.recv(_RECV)  # no ancillary buffer: descriptors are dropped
+            else:  # 'B' frames bring one descriptor each (see _protocol)
+                data, anc, flags, _ = self.sock.recvmsg(_RECV, _ANCBUF, _CMSG_CLOEXEC)
+                for level, k, raw in anc:
+                    if level == socket.SOL_SOCKET and k == socket.SCM_RIGHTS:
+                        fds += [x for (x,) in _INT.iter_unpack(raw[: len(raw) // 4 * 4])]
+                if flags & socket.MSG_CTRUNC:
+                    for fd in fds:
+                        dispose(fd)
+                    return self.shut(FatalCode.MALFORMED, "more than one descriptor at once")
         except (BlockingIOError, InterruptedError):
             return
         except OSError:  # ECONNRESET: gone, with input unread
             data = b""
         try:
             if not data:
+                for fd in fds:
+                    dispose(fd)
                 self._stop_reading()
                 self.eof = True
                 if self.decoder.partial:
                     self._error("EOF", "connection closed inside a frame")
             else:
                 try:
-                    msgs = self.decoder.feed(data)
+                    msgs = self.decoder.feed(data, fds)
                 except BrokerProtocolError as e:
+                    for fd in e.fds:
+                        dispose(fd)
                     return self.shut(e.code, str(e))
                 inq = self.inq
-                busy = self.waiting is not None or self.status is not None or self.writing
+                busy = (
+                    self.waiting is not None
+                    or self.status is not None
+                    or self.writing
+                    or self.binding is not None
+                )
                 if len(inq) + len(msgs) + busy > self.server.config.max_pending:
+                    for m in msgs:
+                        if type(m) is BindFrame:
+                            dispose(m.fd)
                     n = self.server.config.max_pending
                     return self.shut(FatalCode.PENDING, f"more than {n} requests pending")
                 inq.extend(msgs)
+                if fds and not self.paused and any(type(m) is BindFrame for m in msgs):
+                    self._pause()  # at most one 'B' descriptor held, and one more arriving
                 self._arm_in_timer()
             self._pump()
         except Exception as e:  # a bug: this connection only
             self._internal(e)
 
+    def _pause(self) -> None:
+        if self.reading:
+            self.paused = True
+            self.reading = False
+            self.server.loop.remove_reader(self.fd)
+
+    def _resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            if not self.closed and not self.eof:
+                self.reading = True
+                self.server.loop.add_reader(self.fd, self._readable)
+
     def _arm_in_timer(self) -> None:
         """A deadline while a frame is unfinished (or the hello missing)."""
-        stalled = self.decoder.partial or not self.decoder.greeted
+        stalled = (self.decoder.partial or not self.decoder.greeted) and not self.paused
         if stalled and self.in_timer is None and not self.eof:
             loop = self.server.loop
             self.in_timer = loop.call_later(self.server.config.client_timeout, self._stalled)
@@ -239,21 +360,38 @@ class _Connection:
         """Handle queued frames until one has to wait; close after EOF once
         everything is answered and sent."""
         inq = self.inq
-        while inq and self.waiting is None and self.status is None and not self.writing:
+        while (
+            inq
+            and self.waiting is None
+            and self.status is None
+            and not self.writing
+            and self.binding is None
+        ):
             m = inq.popleft()
             kind = type(m)
             if kind is SocketRequest:
                 self._request(m)  # type: ignore[arg-type]
+            elif kind is BindFrame:
+                self._bind(m)  # type: ignore[arg-type]
             elif kind is Release:
                 self._release(m)  # type: ignore[arg-type]
             elif kind is StatusQuery:
                 self._status(m)  # type: ignore[arg-type]
             elif kind is Hello:
-                self._queue(self.server.hello_reply)
+                self._queue(self.server.hello_replies[m.version])  # type: ignore[union-attr]
             if self.closed:
                 return
-        if self.eof and not self.out and not inq and self.waiting is None and self.status is None:
+        if (
+            self.eof
+            and not self.out
+            and not inq
+            and self.waiting is None
+            and self.status is None
+            and self.binding is None
+        ):
             self.close()
+        elif self.paused and self.binding is None and not any(type(m) is BindFrame for m in inq):
+            self._resume()
 
     # Output ------------------------------------------------------------------
 
@@ -376,7 +514,14 @@ class _Connection:
             if made is not None:
                 server.sent(made)
         self.out.clear()
+        for m in self.inq:
+            if type(m) is BindFrame:
+                dispose(m.fd)
+        for fd in self.decoder.take_fds():
+            dispose(fd)
         self.inq.clear()
+        self.paused = False
+        self.binding = None  # (its descriptor is the creator channel's now)
         self.waiting = None
         self.status = None
         server.connections.discard(self)
@@ -460,6 +605,64 @@ class _Connection:
             f'"reason":"{reason.name.lower()}",{w.what}',
         )
         self._queue(Denied(m.id, err, reason).encode())
+
+    # Binding a client's own socket ('B': run --broker --intercept) -----------
+
+    def _bind(self, m: BindFrame) -> None:
+        """Check the socket and the policy, then have the creator bind it;
+        the answer waits for the creator's (see :meth:`_bound`)."""
+        fd, addr = m.fd, m.address
+        kind = bindable(fd, addr.version)
+        if not isinstance(kind, socket.SocketKind):  # (an IntEnum: check this way round)
+            dispose(fd)
+            return self._bind_answer(m, None, kind, Reason.SOCKET)
+        dual = addr.version == 6 and (addr.is_unspecified or addr.ipv4_mapped is not None)
+        # '::' and mapped addresses take IPv4 traffic once V6ONLY is off, which
+        # the client may yet do: the policy must allow the IPv4 address too.
+        request = Request(kind, addr, m.port, _DUAL if dual else _PLAIN)
+        if not self.policy.allows(request):
+            os.close(fd)  # (a socket: bindable() said so)
+            return self._bind_answer(m, request, errno.EPERM, Reason.POLICY)
+        self.binding = m
+        bind = BindRequest(kind, addr, m.port)
+        self.server.bind(bind, fd, lambda outcome: self._bound(m, request, outcome))
+
+    def _bound(self, m: BindFrame, request: Request, outcome: object) -> None:
+        if self.binding is not m or self.closed:
+            return
+        self.binding = None
+        try:
+            if outcome is None:
+                self._bind_answer(m, request, 0, Reason.BIND)
+            elif isinstance(outcome, SocketCreationError):
+                reason = Reason.SOCKET if outcome.stage == "socket" else Reason.BIND
+                if reason is Reason.BIND and outcome.errno == errno.EPERM:  # its policy
+                    reason = Reason.POLICY
+                self._bind_answer(m, request, outcome.errno or errno.EIO, reason)
+            else:  # CreatorFatalError: on_fatal stops the broker
+                self._bind_answer(m, request, errno.EIO, Reason.UNAVAILABLE)
+            self._pump()
+        except Exception as e:  # a bug: this connection only
+            self._internal(e)
+
+    def _bind_answer(self, m: BindFrame, request: Request | None, err: int, reason: Reason) -> None:
+        server = self.server
+        server.binds[0 if err == 0 else 1] += 1
+        a = m.address
+        what = (
+            f'"what":"bind","proto":"{request.protocol if request else "?"}",'
+            f'"address":"{a}","port":{m.port}'
+        )
+        if err:
+            server.audit.event(
+                "deny",
+                f'{self.who},"id":{m.id},"result":"{_ERRNAME.get(err, err)}",'
+                f'"reason":"{reason.name.lower()}",{what}',
+            )
+            self._queue(Denied(m.id, err, reason).encode())
+        else:
+            server.audit.event("bind", f'{self.who},"id":{m.id},"result":"ok",{what}')
+            self._queue(BoundReply(m.id).encode())
 
     def _release(self, m: Release) -> None:
         server = self.server

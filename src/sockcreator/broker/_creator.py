@@ -7,9 +7,10 @@ import collections
 import errno
 import os
 import socket
+import struct
 import subprocess
 from collections.abc import Callable, Sequence
-from typing import Union
+from typing import Any, Union
 
 from ..client._channel import (
     ANCBUFSIZE,
@@ -22,7 +23,10 @@ from ..client._channel import (
 )
 from ..client._errors import CreatorFatalError, SocketCreationError, socket_creation_error
 from ..client._protocol import (
-    AnswerParser,
+    BindFailed,
+    BindingAnswerParser,
+    BindRequest,
+    Bound,
     DescriptorLost,
     Event,
     ProtocolViolation,
@@ -30,13 +34,18 @@ from ..client._protocol import (
     SocketReceived,
 )
 
-__all__ = ["CreatorChannel", "Outcome"]
+__all__ = ["BindOutcome", "CreatorChannel", "Outcome"]
 
 #: What a request's callback gets: the socket, or SocketCreationError (the
 #: kernel refused, in the creator), CreatorFatalError (the creator is gone), or
 #: a plain OSError EMFILE (the socket was made but our own descriptor table was
 #: full when it arrived; the creator is fine).
 Outcome = Union[socket.socket, SocketCreationError, CreatorFatalError, OSError]
+#: What a :meth:`CreatorChannel.bind` callback gets: None (bound), or
+#: SocketCreationError (refused, or bind()'s errno), or CreatorFatalError.
+BindOutcome = Union[None, SocketCreationError, CreatorFatalError]
+_RIGHTS = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+_INT = struct.Struct("@i")
 
 
 class CreatorChannel:
@@ -46,7 +55,9 @@ class CreatorChannel:
     broker does all day).  Requests made during one turn of the event loop
     go out in one write.  The protocol itself is
     :class:`~sockcreator.client._protocol.AnswerParser`'s; received sockets are
-    checked by :func:`~sockcreator.client._channel.adopt`.
+    checked by :func:`~sockcreator.client._channel.adopt`.  A 'B' request
+    (:meth:`bind`) goes in the same stream, its descriptor with its first
+    byte: ``_fds`` keeps, in stream order, where each one is due.
 
     Any protocol violation, EOF, or silence past ``timeout`` with answers
     due kills the creator; every waiter then gets CreatorFatalError and
@@ -58,9 +69,12 @@ class CreatorChannel:
         self._timeout = timeout
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._parser = AnswerParser()
-        self._waiters: collections.deque[Callable[[Outcome], None]] = collections.deque()
+        self._parser = BindingAnswerParser()
+        # (each gets an Outcome, or a BindOutcome for a 'B')
+        self._waiters: collections.deque[Callable[[Any], None]] = collections.deque()
         self._out = bytearray()  # what the creator has not taken yet
+        self._taken = 0  # bytes the creator has taken in all: where _out starts
+        self._fds: collections.deque[tuple[int, int]] = collections.deque()  # (where, fd)
         self._push_due = False  # a write is scheduled for the end of this turn
         self._writing = False  # waiting for the socket to take more
         self._timer: asyncio.TimerHandle | None = None  # the silence watchdog
@@ -103,11 +117,34 @@ class CreatorChannel:
         data = request.encode()
         if idle and not self._out and not self._writing:
             try:
-                data = data[self._sock.send(data) :]
+                n = self._sock.send(data)
+                self._taken += n
+                data = data[n:]
             except OSError:  # (a broken channel is found, and fatal, in push())
                 pass
         self._out += data
         if self._out and self.auto_push and not self._push_due and not self._writing:
+            self._push_due = True
+            self._loop.call_soon(self.push)
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._since + self._timeout, self._watch)
+
+    def bind(self, request: BindRequest, fd: int, callback: Callable[[BindOutcome], None]) -> None:
+        """Have the creator bind ``fd`` (a 'B' request); ``callback`` gets
+        None (bound) or the error, later.  ``fd`` is ours from now on: it is
+        closed once it has gone to the creator (or when the channel dies)."""
+        if self._dead is not None or self._sock is None:
+            os.close(fd)
+            err = CreatorFatalError(f"creator unusable: {self._dead or 'not started'}")
+            self._loop.call_soon(callback, err)
+            return
+        if not self._waiters:
+            self._since = self._loop.time()
+        self._parser.expect_bind(request)
+        self._waiters.append(callback)
+        self._fds.append((self._taken + len(self._out), fd))
+        self._out += request.encode()
+        if self.auto_push and not self._push_due and not self._writing:
             self._push_due = True
             self._loop.call_soon(self.push)
         if self._timer is None:
@@ -148,14 +185,29 @@ class CreatorChannel:
         self._push_due = False
         if self._dead is not None or self._sock is None or not self._out:
             return
-        try:
-            n = self._sock.send(self._out)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError as e:
-            self._fatal(f"cannot write to the creator: {e}")
-            return
-        del self._out[:n]
+        fds, sock = self._fds, self._sock
+        while True:
+            try:
+                if not fds:
+                    n = sock.send(self._out)
+                elif fds[0][0] == self._taken:  # a 'B' is next: its descriptor goes with it
+                    end = fds[1][0] - self._taken if len(fds) > 1 else len(self._out)
+                    rights = [(*_RIGHTS, _INT.pack(fds[0][1]))]
+                    n = sock.sendmsg([memoryview(self._out)[:end]], rights)
+                    os.close(fds.popleft()[1])  # it went with the first byte
+                else:  # only up to the next 'B'
+                    n = sock.send(memoryview(self._out)[: fds[0][0] - self._taken])
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                self._fatal(f"cannot write to the creator: {e}")
+                return
+            del self._out[:n]
+            self._taken += n
+            if not n or not self._out or not fds:
+                break
+            if fds[0][0] != self._taken:  # the creator took less than all we gave
+                break
         if self._out and not self._writing:
             self._writing = True
             self._loop.add_writer(self._sock.fileno(), self._writable)
@@ -216,11 +268,15 @@ class CreatorChannel:
             return
         self._deliver(events)
 
-    def _deliver(self, events: Sequence[Event | DescriptorLost]) -> None:
+    def _deliver(self, events: Sequence[Event | DescriptorLost | Bound | BindFailed]) -> None:
         for i, ev in enumerate(events):
             callback = self._waiters.popleft()
-            outcome: Outcome
-            if isinstance(ev, DescriptorLost):
+            outcome: Outcome | None
+            if isinstance(ev, Bound):
+                outcome = None
+            elif isinstance(ev, BindFailed):
+                outcome = socket_creation_error(ev.errno, ev.stage, None)
+            elif isinstance(ev, DescriptorLost):
                 outcome = OSError(
                     errno.EMFILE,
                     f"{os.strerror(errno.EMFILE)}: the broker could not receive {ev.request}",
@@ -257,6 +313,8 @@ class CreatorChannel:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        close_fds(fd for _, fd in self._fds)  # 'B' descriptors never sent
+        self._fds.clear()
         if self._sock is not None and self._sock.fileno() != -1:
             self._loop.remove_reader(self._sock.fileno())
             if self._writing:

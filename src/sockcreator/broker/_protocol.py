@@ -18,6 +18,8 @@ Client to broker::
        name_len[1] addr[4|16] name[name_len]         request a socket
     R  id[4] grant[8]                                release a grant
     L  id[4]                                         list held sockets (status)
+    B  id[4] family[1] port[2] addr[4|16]            bind the descriptor that comes
+                                                     with this frame (version 2)
 
     proto 'T' tcp | 'U' udp; family '4' | '6'; share 'N' NO | 'S' SAMEAPP |
     'A' ANY; flags: 1 SO_REUSEPORT, 2 IPV6_V6ONLY off (IPv6 only),
@@ -37,12 +39,23 @@ Broker to client::
        uid[4] gid[4] pid[4] name_len[1] addr[4|16] name[name_len]
                                                      one holder, for 'L'
     Z  id[4] count[4]                                end of the 'L' answer
+    O  id[4]                                         bound (the answer to 'B')
     X  code[1] text_len[1] text[text_len]            fatal: the broker closes
 
 Descriptors: the broker sends each ``G`` frame with one ``sendmsg`` carrying
 its descriptor, so the descriptor arrives with the frame's first byte if the
 client never reads across a frame boundary (:meth:`AnswerDecoder.bytes_wanted`
 says how much to read).  Anything else carrying descriptors is a violation.
+
+Versions: a client says 1 or 2 in its hello and the broker answers with the
+same.  Version 2 adds ``B`` (``sockcreator run --broker --intercept``): the
+client sends the frame with one ``sendmsg`` carrying exactly one descriptor,
+its own AF_INET/AF_INET6 TCP or UDP socket, and the broker has its creator
+bind it to the address if the client's policy allows, answering ``O`` or
+``D``.  ``recvmsg`` hands a descriptor out with the bytes of the message it
+came with, never after them, so the broker takes each one for the next
+``B`` frame; a ``B`` without one, or one that no ``B`` frame takes, is a
+violation.  A version 1 connection sending ``B`` breaks the protocol.
 
 Size: the whole wire format in one module, each frame's encoder next to
 its decoder and its bounds, so that the two directions cannot drift apart.
@@ -65,8 +78,11 @@ __all__ = [
     "MAX_BODY",
     "MAX_NAME",
     "NO_BACKLOG",
+    "SUPPORTED_VERSIONS",
     "VERSION",
     "AnswerDecoder",
+    "BindFrame",
+    "BoundReply",
     "BrokerMessage",
     "BrokerProtocolError",
     "ClientMessage",
@@ -90,7 +106,8 @@ __all__ = [
     "grant_suffix",
 ]
 
-VERSION = 1
+VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MAX_BODY = 255
 MAX_NAME = 64
 MAX_TEXT = 200
@@ -109,6 +126,7 @@ _END = struct.Struct("!II")
 _HELLO_REPLY = struct.Struct("!BIH")
 _ENTRY = struct.Struct("!IQ1s1sH1sBIIIIB")  # 35 bytes before addr and name
 
+_BIND = struct.Struct("!I1sH")  # 7 bytes before addr
 _TYPES = {b"T": socket.SOCK_STREAM, b"U": socket.SOCK_DGRAM}
 _TYPE_BYTES = {v: k for k, v in _TYPES.items()}
 _ADDR_LEN = {b"4": 4, b"6": 16}
@@ -242,7 +260,22 @@ class StatusQuery:
         return _frame(b"L", _ID.pack(self.id))
 
 
-ClientMessage = Union[Hello, SocketRequest, Release, StatusQuery]
+@dataclass(frozen=True)
+class BindFrame:
+    """Bind the descriptor that came with the frame (``fd``: -1 when
+    encoding; the decoder's caller owns it once decoded)."""
+
+    id: int
+    address: IPAddress
+    port: int
+    fd: int = -1
+
+    def encode(self) -> bytes:
+        family = b"4" if self.address.version == 4 else b"6"
+        return _frame(b"B", _BIND.pack(self.id, family, self.port) + self.address.packed)
+
+
+ClientMessage = Union[Hello, SocketRequest, Release, StatusQuery, BindFrame]
 
 
 def _decode_request(body: bytes) -> SocketRequest:
@@ -300,6 +333,8 @@ class RequestDecoder:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._hello = False
+        self.version = 0  # what the client said in its hello
+        self._fds: list[int] = []  # received, for the next 'B' frame
 
     @property
     def partial(self) -> bool:
@@ -310,44 +345,76 @@ class RequestDecoder:
     def greeted(self) -> bool:
         return self._hello
 
-    def feed(self, data: bytes) -> list[ClientMessage]:
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[ClientMessage]:
+        """The whole frames in ``data``.  ``fds`` came with it: each goes to
+        the next ``B`` frame (see the module doc).  On an error the error's
+        ``fds`` are every descriptor the caller must close (the ones given
+        now, held, or decoded into a ``BindFrame`` in this call)."""
+        try:
+            return self._feed(data, fds)
+        except BrokerProtocolError as e:
+            e.fds = [*self._fds, *(fd for fd in fds if fd not in self._fds)]
+            self._fds = []
+            raise
+
+    def take_fds(self) -> list[int]:
+        """The descriptors held for a ``B`` frame not complete yet (for the
+        caller to close when it gives up the connection)."""
+        fds, self._fds = self._fds, []
+        return fds
+
+    def _feed(self, data: bytes, fds: Sequence[int]) -> list[ClientMessage]:
+        if fds:
+            self._fds.extend(fds)
         buf: bytes | bytearray = data
         if self._buf:
             self._buf += data
             buf = self._buf
         out: list[ClientMessage] = []
         pos, end = 0, len(buf)
-        while end - pos >= 3:
-            kind, length = _HEADER.unpack_from(buf, pos)
-            if length > MAX_BODY:
-                raise BrokerProtocolError(f"frame of {length} bytes is over the limit")
-            if end - pos - 3 < length:
-                break
-            body = bytes(buf[pos + 3 : pos + 3 + length])
-            pos += 3 + length
-            out.append(self._decode(kind, body))
+        try:
+            while end - pos >= 3:
+                kind, length = _HEADER.unpack_from(buf, pos)
+                if length > MAX_BODY:
+                    raise BrokerProtocolError(f"frame of {length} bytes is over the limit")
+                if end - pos - 3 < length:
+                    break
+                body = bytes(buf[pos + 3 : pos + 3 + length])
+                pos += 3 + length
+                out.append(self._decode(kind, body))
+        except BrokerProtocolError:
+            self._fds.extend(m.fd for m in out if type(m) is BindFrame)
+            raise
         if buf is data:
             if pos < end:  # the start of a frame: kept for the next read
                 self._buf += data[pos:]
         else:
             del self._buf[:pos]
+        if self._fds and (len(self._fds) > 1 or self._buf[:1] != b"B"):
+            self._fds.extend(m.fd for m in out if type(m) is BindFrame)
+            raise BrokerProtocolError("a descriptor that no 'B' frame came with")
         return out
 
     def _decode(self, kind: bytes, body: bytes) -> ClientMessage:
         if not self._hello:
             if kind != b"H" or len(body) != 1:
                 raise BrokerProtocolError("the first frame must be a hello")
-            if body[0] != VERSION:
+            if body[0] not in SUPPORTED_VERSIONS:
                 raise BrokerProtocolError(
-                    f"protocol version {body[0]} is not supported (only {VERSION})",
+                    f"protocol version {body[0]} is not supported (only "
+                    f"{', '.join(map(str, SUPPORTED_VERSIONS))})",
                     FatalCode.VERSION,
                 )
             self._hello = True
+            self.version = body[0]
             return Hello(body[0])
         if kind == b"H":  # again: a connection handed on (SOCKCREATOR_BROKER_FD) greets anew
-            if len(body) != 1 or body[0] != VERSION:
+            if len(body) != 1 or body[0] not in SUPPORTED_VERSIONS:
                 raise BrokerProtocolError("a hello for another version", FatalCode.VERSION)
+            self.version = body[0]
             return Hello(body[0])
+        if kind == b"B":
+            return self._decode_bind(body)
         if kind == b"Q":
             return _decode_request(body)
         if kind == b"R":
@@ -359,6 +426,19 @@ class RequestDecoder:
                 raise BrokerProtocolError("bad status length")
             return StatusQuery(_ID.unpack(body)[0])
         raise BrokerProtocolError(f"unknown frame kind {kind!r}")
+
+    def _decode_bind(self, body: bytes) -> BindFrame:
+        if self.version < 2:
+            raise BrokerProtocolError("a 'B' frame on a version 1 connection")
+        if len(body) < _BIND.size:
+            raise BrokerProtocolError("bind too short")
+        rid, family, port = _BIND.unpack_from(body)
+        if len(body) != _BIND.size + _ADDR_LEN.get(family, -1):
+            raise BrokerProtocolError(f"bad bind family {family!r} or length")
+        if not self._fds:
+            raise BrokerProtocolError("a 'B' frame without its descriptor")
+        addr = _address(family, body[_BIND.size :])
+        return BindFrame(rid, addr, port, self._fds.pop(0))
 
 
 # --- broker to client ---------------------------------------------------------
@@ -467,6 +547,14 @@ class StatusEntry:
 
 
 @dataclass(frozen=True)
+class BoundReply:
+    id: int
+
+    def encode(self) -> bytes:
+        return _frame(b"O", _ID.pack(self.id))
+
+
+@dataclass(frozen=True)
 class StatusEnd:
     id: int
     count: int
@@ -485,7 +573,9 @@ class Fatal:
         return _frame(b"X", self.code.value + bytes((len(text),)) + text)
 
 
-BrokerMessage = Union[HelloReply, Granted, Denied, Released, StatusEntry, StatusEnd, Fatal]
+BrokerMessage = Union[
+    HelloReply, Granted, Denied, Released, StatusEntry, StatusEnd, Fatal, BoundReply
+]
 
 
 def _decode_grant(body: bytes, fd: int = -1) -> Granted:
@@ -534,6 +624,8 @@ def _decode_answer(kind: bytes, body: bytes) -> BrokerMessage:
             raise BrokerProtocolError(f"unknown reason {reason!r}") from None
     if kind == b"K" and n == _ID.size:
         return Released(_ID.unpack(body)[0])
+    if kind == b"O" and n == _ID.size:
+        return BoundReply(_ID.unpack(body)[0])
     if kind == b"S":
         return _decode_entry(body)
     if kind == b"Z" and n == _END.size:

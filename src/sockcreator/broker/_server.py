@@ -43,13 +43,15 @@ import asyncio
 import dataclasses
 import errno
 import socket
+from collections.abc import Callable
 
 from ..client._errors import CreatorFatalError, SocketCreationError
+from ..client._protocol import BindRequest
 from ._audit import Audit
 from ._connection import _Connection
-from ._creator import CreatorChannel, Outcome
+from ._creator import BindOutcome, CreatorChannel, Outcome
 from ._protocol import (
-    VERSION,
+    SUPPORTED_VERSIONS,
     FatalCode,
     HelloReply,
     Reason,
@@ -99,7 +101,11 @@ class BrokerServer:
         self.inflight_by_uid: dict[int, int] = {}
         self.owing: dict[int, set[_Connection]] = {}  # by uid: connections with inflight
         self._sweeper: asyncio.TimerHandle | None = None
-        self.hello_reply = HelloReply(VERSION, config.max_held, config.max_pending).encode()
+        self.binds = [0, 0]  # client sockets bound ('B'), refused
+        self.hello_replies = {  # (answered in the version the client asked for)
+            v: HelloReply(v, config.max_held, config.max_pending).encode()
+            for v in SUPPORTED_VERSIONS
+        }
         self._next_conn = 1
         self._stopped: asyncio.Future[int] | None = None
         self._dirty: list[_Connection] = []
@@ -145,6 +151,13 @@ class BrokerServer:
         self.creator.request(w.made_as, lambda outcome: self._created(entry, w, outcome))
         if self.creator.unsent:
             self._want_flush()  # which pushes the request to the creator
+
+    def bind(self, request: BindRequest, fd: int, callback: Callable[[BindOutcome], None]) -> None:
+        """A client's own socket, for the creator to bind (``fd`` is the
+        channel's from now on)."""
+        self.creator.bind(request, fd, callback)
+        if self.creator.unsent:
+            self._want_flush()
 
     def _created(self, entry: Entry, w: _Wanted, outcome: Outcome) -> None:
         if not isinstance(outcome, socket.socket):

@@ -21,8 +21,11 @@ for bad arguments, before anything is sent.
 from __future__ import annotations
 
 import collections
+import errno
+import ipaddress
 import os
 import socket
+import struct
 import threading
 from collections.abc import Sequence
 from types import TracebackType
@@ -54,6 +57,7 @@ from ._clientlib import (
 )
 from ._protocol import (
     AnswerDecoder,
+    BindFrame,
     BrokerMessage,
     BrokerProtocolError,
     Denied,
@@ -62,16 +66,20 @@ from ._protocol import (
     Granted,
     Hello,
     HelloReply,
+    Reason,
     ShareMode,
     StatusEntry,
     StatusQuery,
 )
+
+_INT = struct.Struct("@i")
 
 __all__ = [
     "ENV_BROKER_FD",
     "Broker",
     "BrokerFatalError",
     "HeldSocket",
+    "Reason",
     "SocketRefusedError",
     "build_request",
     "get_listen_sockets",
@@ -107,6 +115,7 @@ class Broker:
         self._dead: str | None = None
         self.max_held = 0
         self.max_pending = 0
+        self.version = 0  # the protocol version spoken (2: bind_socket() works)
         try:
             self._sock.sendall(Hello().encode())
             reply = self._read()
@@ -115,6 +124,7 @@ class Broker:
         if not isinstance(reply, HelloReply):
             self._fatal(f"the broker answered the hello with {reply!r}")
         self.max_held, self.max_pending = reply.max_held, reply.max_pending
+        self.version = reply.version
 
     @classmethod
     def from_socket(cls, sock: socket.socket, *, timeout: float = 10.0) -> Broker:
@@ -186,6 +196,31 @@ class Broker:
             self._held[sock] = answer.grant
             return sock
 
+    def bind_socket(self, sock: socket.socket | int, address: AddressSpec, port: int) -> None:
+        """Have the broker bind your own socket ``sock`` (AF_INET/AF_INET6,
+        TCP or UDP, not bound yet) to ``address``:``port``, if its policy lets
+        you: the creator binds it, and every option you set stays.  This is
+        what ``sockcreator run --broker --intercept`` does for each
+        privileged bind().  Raises :class:`SocketRefusedError`: EPERM
+        (policy), bind()'s own errno (``Reason.BIND``: EADDRINUSE, EINVAL...),
+        another for a descriptor that is not such a socket (``Reason.SOCKET``)."""
+        fd = sock if isinstance(sock, int) else sock.fileno()
+        addr = ipaddress.ip_address(address) if isinstance(address, str) else address
+        if fd < 0:
+            raise ValueError("a closed socket")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"bad port {port}")
+        with self._lock:
+            self._check_alive()
+            if self.version < 2:
+                raise _refused(errno.EOPNOTSUPP, Reason.UNAVAILABLE, None)  # (a version 1 broker)
+            rid = self._next_id
+            frame = BindFrame(rid, addr, port).encode()
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _INT.pack(fd))]
+            answer = self._ask(rid, frame, "bind", rights)[0]
+            if isinstance(answer, Denied):
+                raise _refused(answer.errno, answer.reason, None)
+
     def grant_of(self, sock: socket.socket) -> int:
         """The grant id of a socket this handle received (KeyError if none)."""
         return self._held[sock]
@@ -214,10 +249,17 @@ class Broker:
 
     # Plumbing ----------------------------------------------------------------
 
-    def _ask(self, rid: int, data: bytes, kind: str) -> list[BrokerMessage]:
+    def _ask(
+        self, rid: int, data: bytes, kind: str, rights: list[tuple[int, int, bytes]] | None = None
+    ) -> list[BrokerMessage]:
         self._next_id = rid + 1 if rid < 2**32 - 1 else 1
         try:
-            self._sock.sendall(data)
+            if rights:  # one sendmsg: the descriptor goes with the frame's bytes
+                n = self._sock.sendmsg([data], rights)
+                if n < len(data):
+                    self._sock.sendall(data[n:])
+            else:
+                self._sock.sendall(data)
         except OSError as e:
             self._fatal(f"cannot write to the broker: {e}")
         out: list[BrokerMessage] = []

@@ -14,6 +14,9 @@ Wire format (BIND 10's socket creator, byte for byte)::
     answer   'S' then one data byte carrying the descriptor (SCM_RIGHTS)
     answer   'E' ('S'|'B') errno[native int]
     answer   'F' condition[1]                     creator exits after this
+    request  'B' ('4'|'6') port[2] addr[4|16]     an extension: bind the descriptor
+                                                  that comes with the 'B' byte
+    answer   'O'                                  to 'B': bound (or 'E' as above)
 
 Descriptor ownership: descriptors given to :meth:`AnswerParser.feed` belong to
 the first byte of the data given with them (that is how ``recvmsg`` hands them
@@ -37,6 +40,10 @@ from typing import Union
 __all__ = [
     "INT",
     "AnswerParser",
+    "BindFailed",
+    "BindRequest",
+    "BindingAnswerParser",
+    "Bound",
     "CreationFailed",
     "DescriptorLost",
     "Event",
@@ -124,6 +131,32 @@ class Request:
             names = [o.name.lower() for o in SocketOptions if o & self.options and o.name]
             text += f" ({','.join(names)})"
         return text
+
+
+@dataclass(frozen=True)
+class BindRequest:
+    """A 'B' request: bind the descriptor sent with it (the peer's own
+    socket, ``run --intercept``).  ``type`` is the socket's, as its sender
+    saw it (for policy and logs; not on the wire)."""
+
+    type: socket.SocketKind
+    address: IPAddress
+    port: int
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET if self.address.version == 4 else socket.AF_INET6
+
+    @property
+    def protocol(self) -> str:
+        return "tcp" if self.type == socket.SOCK_STREAM else "udp"
+
+    def encode(self) -> bytes:
+        return bind_request(self.family, self.address.packed, self.port)
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"bind {self.protocol}:{host}:{self.port}"
 
 
 @functools.lru_cache(maxsize=256)
@@ -271,7 +304,13 @@ class AnswerParser:
             if self._state == _FD_BYTE and len(fds) == 1:
                 self._state = _IDLE
                 return [SocketReceived(self._pending.popleft(), fds[0])]
-            if self._state == _IDLE and not fds and data == b"S" and self._pending:
+            if (
+                self._state == _IDLE
+                and not fds
+                and data == b"S"
+                and self._pending
+                and type(self._pending[0]) is Request  # (not a 'B': see BindingAnswerParser)
+            ):
                 self._state = _FD_BYTE
                 return []
         events: list[Event] = []
@@ -330,7 +369,7 @@ class AnswerParser:
             elif not self._pending:
                 self._state = _DEAD
                 raise ProtocolViolation(f"unsolicited answer {buf!r}")
-            elif buf == b"S":
+            elif buf == b"S" and type(self._pending[0]) is Request:
                 self._state = _FD_BYTE
             elif buf == b"E":
                 self._state = _ERROR
@@ -352,6 +391,53 @@ class AnswerParser:
 
 
 # --- 'B': bind the peer's own socket (sockcreator run --intercept) -------------
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An 'O' answer: the descriptor sent with the 'B' request is bound."""
+
+    request: BindRequest
+
+
+@dataclass(frozen=True)
+class BindFailed:
+    """An 'E' answer to a 'B': ``stage`` "socket" (not a socket we bind) or
+    "bind" (the policy's EPERM, or bind()'s own errno)."""
+
+    request: BindRequest
+    stage: str
+    errno: int
+
+
+class BindingAnswerParser(AnswerParser):
+    """:class:`AnswerParser` for a peer that also sends 'B' requests (the
+    broker): :meth:`expect_bind` queues one in request order, and its answer
+    comes back as :class:`Bound` or :class:`BindFailed` among the events;
+    an 'S' answer to it is a protocol violation."""
+
+    def expect_bind(self, request: BindRequest) -> None:
+        self._pending.append(request)  # type: ignore[arg-type]
+
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Event | Bound | BindFailed]:  # type: ignore[override]
+        return super().feed(data, fds)  # type: ignore[return-value]
+
+    def _complete(self) -> Event | None:
+        pending: collections.deque[object] = self._pending  # type: ignore[assignment]
+        if not pending or type(pending[0]) is not BindRequest:
+            return super()._complete()
+        buf, state = self._buf, self._state
+        if state == _IDLE and buf == b"O":
+            self._buf = b""
+            return Bound(pending.popleft())  # type: ignore[return-value,arg-type]
+        if state == _IDLE and buf not in (b"E", b"F"):
+            self._state = _DEAD
+            raise ProtocolViolation(f"answer {buf!r} to a 'B' request")
+        event = super()._complete()
+        if isinstance(event, CreationFailed):  # (its request is the BindRequest)
+            return BindFailed(event.request, event.stage, event.errno)  # type: ignore[return-value,arg-type]
+        return event
+
 
 #: The longest answer to 'B': 'E', the stage byte, the errno.
 BIND_ANSWER_MAX = 2 + INT.size

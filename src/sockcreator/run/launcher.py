@@ -117,7 +117,7 @@ import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from .._terminal import fork_relay, open_fds, terminal_in_reach
 from ..activation import SD_LISTEN_FDS_START
@@ -127,6 +127,9 @@ from ..client._errors import CreatorError, CreatorFatalError, SocketCreationErro
 from ..client._protocol import Request
 from ..client.blocking import ENV_FD, SocketCreator
 from ..privileges import Credentials, drop_to, make_non_dumpable, resolve_credentials
+
+if TYPE_CHECKING:
+    from ..broker.client import Broker
 
 __all__ = [
     "EXIT_CANNOT_EXEC",
@@ -305,7 +308,7 @@ def plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
             specs.parse_rule(spec)
     except ValueError as e:
         raise LaunchError(EXIT_USAGE, str(e)) from None
-    if not listens and not args.allow:
+    if not listens and not args.allow and not (args.intercept and args.broker is not None):
         raise LaunchError(EXIT_USAGE, "give at least one --listen or --allow")
     if args.name and len(args.name) != len(listens):
         raise LaunchError(
@@ -318,9 +321,7 @@ def plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
         raise LaunchError(EXIT_USAGE, "--share and --share-name go with --broker")
     if args.share == "SAMEAPP" and not args.share_name:
         raise LaunchError(EXIT_USAGE, "--share SAMEAPP needs --share-name")
-    if args.intercept and args.broker is not None:
-        raise LaunchError(EXIT_USAGE, "--intercept does not work with --broker yet")
-    if args.broker is not None and (args.allow or not listens):
+    if args.broker is not None and (args.allow or not (listens or args.intercept)):
         raise LaunchError(EXIT_USAGE, "--broker takes --listen specs only (its policy decides)")
     root = os.geteuid() == 0
     if not root and args.broker is None:
@@ -471,12 +472,18 @@ def launch(p: Plan) -> NoReturn:
 
 
 def _supervise(
-    p: Plan, environ: dict[str, str], socks: list[socket.socket], channel: socket.socket
+    p: Plan,
+    environ: dict[str, str],
+    socks: list[socket.socket],
+    channel: socket.socket | None,
+    broker: Broker | None = None,
 ) -> NoReturn:
     """--intercept (we have dropped already): fork PROGRAM, which installs
     the filter, hands us its listener and execs; we supervise it (see
     :mod:`.intercept.supervisor`) and exit with its status.  PROGRAM gets no
-    creator channel: the supervisor's is the only one."""
+    creator channel (nor, with --broker, broker connection): the
+    supervisor's is the only one, and the grants of --listen last as long
+    as it does, that is as long as PROGRAM."""
     from .intercept import _seccomp
     from .intercept.supervisor import FORWARDED, Supervisor, forward_signals
 
@@ -488,7 +495,10 @@ def _supervise(
         status, message = EXIT_SYSTEM, "cannot start PROGRAM"
         try:
             ours.close()
-            channel.close()
+            if channel is not None:
+                channel.close()
+            if broker is not None:
+                os.close(broker.fileno())  # (the object goes with the exec)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             _seccomp.no_new_privs()
             _seccomp.die_with_parent(parent)
@@ -530,7 +540,7 @@ def _supervise(
     rules = [specs.parse_rule(spec) for spec in p.allow_specs] + [
         specs.parse_rule(f"{r.protocol}:{_host(r)}:{r.port}") for r in p.listens
     ]
-    sup = Supervisor(fds[0], child, channel, rules, prog=_PROG)
+    sup = Supervisor(fds[0], child, channel, rules, prog=_PROG, broker=broker)
     os._exit(sup.run())
 
 
@@ -560,6 +570,10 @@ def _launch_with_broker(p: Plan, environ: dict[str, str]) -> NoReturn:
         ) from None
     except (CreatorError, OSError) as e:
         raise LaunchError(EXIT_CREATOR, f"the broker at {p.broker} failed: {e}") from None
+    if p.intercept:
+        if broker.version < 2:
+            raise LaunchError(EXIT_CREATOR, f"the broker at {p.broker} is too old for --intercept")
+        _supervise(p, environ, socks, None, broker)
     _exec(p, environ, socks, broker.detach(), ENV_BROKER_FD)
 
 

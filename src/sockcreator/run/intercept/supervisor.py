@@ -19,9 +19,13 @@ For each notification, in order (see docs/intercept.md):
    and binds it.  PROGRAM's call returns 0, or the kernel's errno from the
    creator's bind().  Every option PROGRAM set stays: it is its own socket.
 
-The creator answers within ``timeout`` or PROGRAM's call fails with EAGAIN;
-a creator that is gone makes every later privileged bind fail with EACCES.
-PROGRAM is never left blocked: every notification is answered.
+With ``--broker`` (``broker`` given, no creator) steps 3 and 4 are the
+broker's: the duplicate goes to it in a ``B`` frame, its policy decides
+(EPERM: PROGRAM sees EACCES), its creator binds, its audit records it.
+
+The creator (or the broker) answers within ``timeout`` or PROGRAM's call
+fails with EAGAIN; one that is gone makes every later privileged bind fail
+with EACCES.  PROGRAM is never left blocked: every notification is answered.
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ import os
 import select
 import socket
 import struct
+from typing import TYPE_CHECKING
 
 from ..._terminal import FORWARDED_SIGNALS, forward_signals
 from ...client._protocol import BIND_ANSWER_MAX, ProtocolViolation, bind_answer, bind_request
 from ...client.specs import Rule
 from . import _seccomp
 from ._decide import Target, allowed, parse_sockaddr
+
+if TYPE_CHECKING:
+    from ...broker.client import Broker
 
 __all__ = ["FORWARDED", "Supervisor", "forward_signals", "unprivileged_port_start"]
 
@@ -75,10 +83,12 @@ class Supervisor:
         *,
         prog: str = "sockcreator run",
         timeout: float = 5.0,
+        broker: Broker | None = None,
     ) -> None:
         self.listener = listener
         self.program = program
         self.creator = creator
+        self.broker = broker  # (then rules are the broker's, not ours)
         self.rules = rules
         self.prog = prog
         self.timeout = timeout
@@ -169,18 +179,27 @@ class Supervisor:
             v6only = target.family != socket.AF_INET6 or bool(
                 dup.getsockopt(socket.IPPROTO_IPV6, _IPV6_V6ONLY)
             )
-            if not allowed(self.rules, proto, target, v6only):
-                self.counts["denied"] += 1
-                why = "not allowed"
-                if target.family == socket.AF_INET6 and not any(target.packed):
-                    why += f"; '::' needs {proto}:0.0.0.0:{target.port} too"
-                self._log(f"denied pid {n.pid}: bind {proto} {target} ({why})")
-                return self._answer(n, error=errno.EACCES)
-            err = self._bind(dup, target)
+            if self.broker is None and not allowed(self.rules, proto, target, v6only):
+                return self._denied(n, proto, target)
+            if self.broker is not None:
+                err = self._bind_by_broker(dup, target)
+                if err < 0:  # the broker's policy
+                    return self._denied(n, proto, target, "by the broker's policy")
+            else:
+                err = self._bind(dup, target)
         self.counts["bound" if err == 0 else "failed"] += 1
         if err:
             self._log(f"pid {n.pid}: bind {proto} {target}: {os.strerror(err)}")
         return self._answer(n, error=err)
+
+    def _denied(
+        self, n: _seccomp.Notification, proto: str, target: Target, why: str = "not allowed"
+    ) -> None:
+        self.counts["denied"] += 1
+        if target.family == socket.AF_INET6 and not any(target.packed):
+            why += f"; '::' needs {proto}:0.0.0.0:{target.port} too"
+        self._log(f"denied pid {n.pid}: bind {proto} {target} ({why})")
+        return self._answer(n, error=errno.EACCES)
 
     def _their_socket(self, n: _seccomp.Notification) -> socket.socket | None:
         """A duplicate of the descriptor the task passed, if it is an IP socket."""
@@ -232,6 +251,29 @@ class Supervisor:
         # The creator's policy denial is EPERM; a privileged port one may not
         # bind is EACCES for the kernel, and so for PROGRAM.
         return errno.EACCES if err == errno.EPERM else err
+
+    def _bind_by_broker(self, sock: socket.socket, target: Target) -> int:
+        """The broker binds it: 0, the errno PROGRAM is to see, or -1 for
+        its policy's refusal."""
+        from ...broker.client import BrokerFatalError, Reason, SocketRefusedError
+
+        broker = self.broker
+        if broker is None:
+            return errno.EACCES
+        try:
+            broker.bind_socket(sock, target.host, target.port)
+        except SocketRefusedError as e:
+            if e.reason is Reason.POLICY:
+                return -1
+            if e.reason is Reason.BIND:
+                return e.errno or errno.EACCES
+            self._log(f"the broker refused {target} ({e.reason.name.lower()}): {e.strerror}")
+            return errno.EACCES if e.reason is not Reason.UNAVAILABLE else errno.EAGAIN
+        except BrokerFatalError as e:
+            self._creator_gone(f"the broker: {e}")
+            self.broker = None
+            return errno.EAGAIN if "no answer" in str(e) else errno.EACCES
+        return 0
 
     def _creator_gone(self, why: str) -> None:
         self._log(f"the creator failed ({why}): privileged binds now fail with EACCES")
