@@ -98,6 +98,11 @@ def main() -> int:
     ap.add_argument("--pause", type=float, default=0.25, help="seconds after exit (>= 0.2)")
     ap.add_argument("--interval", type=float, default=0.001, help="between connections")
     ap.add_argument(
+        "--linger",
+        type=float,
+        help="run --linger SECONDS: the server asks for its own (serve --max-linger caps it)",
+    )
+    ap.add_argument(
         "program",
         nargs="*",
         metavar="-- PROGRAM",
@@ -111,6 +116,7 @@ def main() -> int:
     (d / "server.py").chmod(0o644)
     argv = [sys.executable, "-m", "sockcreator.cli", "run", "--broker", args.socket,
             "--user", args.user, "--share", "SAMEAPP", "--share-name", "web",
+            *(["--linger", str(args.linger)] if args.linger is not None else []),
             "--listen", f"tcp:127.0.0.1:{args.port}", "--",
             *(args.program or ["/usr/bin/python3", str(d / "server.py")])]  # fmt: skip
 

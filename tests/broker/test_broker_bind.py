@@ -216,3 +216,14 @@ def test_malformed_binds_close_only_that_connection(
 
 def test_bound_reply_round_trip() -> None:
     assert BoundReply(5).encode() == b"O\x00\x04\x00\x00\x00\x05"
+
+
+def test_q_frame_carries_a_linger_of_its_own() -> None:
+    m = SocketRequest(3, make_request("tcp", "127.0.0.1", 80), linger=2.5)
+    frame = m.encode()
+    assert frame[:1] == b"q" and frame[-4:] == (2500).to_bytes(4, "big")
+    assert _greeted().feed(frame) == [m]
+    with pytest.raises(BrokerProtocolError):
+        _greeted(1).feed(frame)  # version 2 only
+    with pytest.raises(ValueError):
+        SocketRequest(3, make_request("tcp", "127.0.0.1", 80), linger=3601).encode()

@@ -24,10 +24,13 @@ SOAK = Path(__file__).resolve().parents[2] / "soak" / "restart_broker.py"
 NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"
 
 
-def restarts(b: BrokerProc, n: int, program: Sequence[str] = ()) -> dict[str, object]:
+def restarts(
+    b: BrokerProc, n: int, program: Sequence[str] = (), linger: float | None = None
+) -> dict[str, object]:
+    own = ["--linger", str(linger)] if linger is not None else []
     done = subprocess.run(
         [NSENTER, f"--net=/proc/{b.pid}/ns/net", sys.executable, str(SOAK), "--socket", b.path,
-         "--user", ALICE, "--restarts", str(n), *(["--", *program] if program else [])],
+         "--user", ALICE, "--restarts", str(n), *own, *(["--", *program] if program else [])],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -50,6 +53,20 @@ def test_restarts_refuse_nothing_with_linger(
         assert {"linger"} <= events, events
     else:  # the test can fail: without linger the gaps are refused
         assert r["refused"] > 0, r
+
+
+def test_a_linger_of_its_own_capped_by_the_broker(
+    start_broker: Callable[..., BrokerProc],  # noqa: F811
+) -> None:
+    """No default linger (``--linger 0``); the server asks for 30 s itself
+    (``run --broker --linger 30``), the broker caps it at ``--max-linger 5``:
+    4 restarts refuse nothing, and every lingering lasted the capped 5 s."""
+    b = start_broker(POLICY, "--max-linger", "5")
+    r = restarts(b, 4, linger=30)
+    assert r["ok"] > 0 and r["other"] == 0, r
+    assert (r["refused"], r["reset"], r["timeout"]) == (0, 0, 0), r
+    lingered = b.audit("linger")
+    assert lingered and {e["seconds"] for e in lingered} == {5.0}, lingered
 
 
 WSGI_OK = """

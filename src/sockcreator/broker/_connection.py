@@ -566,6 +566,8 @@ class _Connection:
         g = server.table.claim(self, self.peer.uid, m.request, m.backlog, m.share, m.name, w.key)
         if isinstance(g, Reason):
             return self._deny(m, w, g, _ERRNO[g])
+        if m.linger is not None:  # its own ('q'), capped by the broker's --max-linger
+            g.linger = min(m.linger, server.max_linger)
         if g.entry.sock is not None:
             return self._granted(m, w, g)
         self.waiting = (m, w, g)  # until the socket (or its refusal) comes

@@ -20,6 +20,8 @@ Client to broker::
     L  id[4]                                         list held sockets (status)
     B  id[4] family[1] port[2] addr[4|16]            bind the descriptor that comes
                                                      with this frame (version 2)
+    q  (a Q body) linger_ms[4]                       Q with its own linger time
+                                                     (version 2; capped by the broker)
 
     proto 'T' tcp | 'U' udp; family '4' | '6'; share 'N' NO | 'S' SAMEAPP |
     'A' ANY; flags: 1 SO_REUSEPORT, 2 IPV6_V6ONLY off (IPv6 only),
@@ -104,6 +106,7 @@ __all__ = [
     "check_name",
     "grant_frame",
     "grant_suffix",
+    "lingering",
 ]
 
 VERSION = 2
@@ -122,6 +125,7 @@ _GRANT = struct.Struct("!IQ1s1s?H")  # 17 bytes before addr
 _DENY = struct.Struct("!IIc")
 _RELEASE = struct.Struct("!IQ")
 _ID = struct.Struct("!I")
+_LEN = struct.Struct("!H")
 _END = struct.Struct("!II")
 _HELLO_REPLY = struct.Struct("!BIH")
 _ENTRY = struct.Struct("!IQ1s1sH1sBIIIIB")  # 35 bytes before addr and name
@@ -221,8 +225,15 @@ class SocketRequest:
     share: ShareMode = ShareMode.NO
     name: str = ""
     backlog: int | None = None
+    #: seconds the socket stays open after its last grant ends, if this is
+    #: that grant ('q'; None: the broker's default, 'Q')
+    linger: float | None = None
 
     def encode(self) -> bytes:
+        frame = self._encode()
+        return frame if self.linger is None else lingering(frame, self.linger)
+
+    def _encode(self) -> bytes:
         r = self.request
         name = check_name(self.name)
         backlog = NO_BACKLOG if self.backlog is None else self.backlog
@@ -241,6 +252,17 @@ class SocketRequest:
             + name
         )
         return _frame(b"Q", body)
+
+
+MAX_LINGER_MS = 3_600_000
+
+
+def lingering(frame: bytes, seconds: float) -> bytes:
+    """A whole ``Q`` frame made a ``q`` frame asking for ``seconds`` of linger."""
+    ms = round(seconds * 1000)
+    if not 0 <= ms <= MAX_LINGER_MS:
+        raise ValueError(f"linger must be 0..{MAX_LINGER_MS // 1000} seconds: {seconds!r}")
+    return b"q" + _LEN.pack(len(frame) - 3 + 4) + frame[3:] + _ID.pack(ms)
 
 
 @dataclass(frozen=True)
@@ -417,6 +439,16 @@ class RequestDecoder:
             return self._decode_bind(body)
         if kind == b"Q":
             return _decode_request(body)
+        if kind == b"q":
+            if self.version < 2:
+                raise BrokerProtocolError("a 'q' frame on a version 1 connection")
+            if len(body) < _REQ.size + 4:
+                raise BrokerProtocolError("request too short")
+            (ms,) = _ID.unpack_from(body, len(body) - 4)
+            if ms > MAX_LINGER_MS:
+                raise BrokerProtocolError(f"linger of {ms} ms is over the limit")
+            m = _decode_request(body[:-4])
+            return SocketRequest(m.id, m.request, m.share, m.name, m.backlog, ms / 1000)
         if kind == b"R":
             if len(body) != _RELEASE.size:
                 raise BrokerProtocolError("bad release length")

@@ -93,7 +93,7 @@ class BrokerServer:
         self.listener = listener
         self.loop = asyncio.get_running_loop()
         self.audit = Audit(audit_fd, self._want_flush)
-        self.table = ShareTable(config.max_sockets, config.max_held, linger=config.linger > 0)
+        self.table = ShareTable(config.max_sockets, config.max_held, linger=config.linger)
         self.connections: set[_Connection] = set()
         self.per_uid: dict[int, int] = {}  # connections (draining ones too) by uid
         self.draining: set[_Connection] = set()  # closed, with descriptors still unread
@@ -101,6 +101,8 @@ class BrokerServer:
         self.inflight_by_uid: dict[int, int] = {}
         self.owing: dict[int, set[_Connection]] = {}  # by uid: connections with inflight
         self._sweeper: asyncio.TimerHandle | None = None
+        cap = config.max_linger
+        self.max_linger = config.linger if cap is None else cap  # what a 'q' may ask for
         self.binds = [0, 0]  # client sockets bound ('B'), refused
         self.hello_replies = {  # (answered in the version the client asked for)
             v: HelloReply(v, config.max_held, config.max_pending).encode()
@@ -195,7 +197,7 @@ class BrokerServer:
         if sock is not None:
             self.close_socket(entry, sock)
         elif entry.phantom is not None and not entry.grants:
-            seconds = self.config.linger
+            seconds = entry.lingers
             self.audit.event("linger", f'{who},"seconds":{seconds},{_what(entry)}')
             self.loop.call_later(seconds, self._expire, entry, entry.gen)
 

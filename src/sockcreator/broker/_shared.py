@@ -71,6 +71,7 @@ class BrokerConfig:
     max_sockets: int = 8192  # cached sockets in all
     client_timeout: float = 10.0
     linger: float = 0.0  # seconds a socket stays open after its last grant ends
+    max_linger: float | None = None  # the most a request may ask for (None: ``linger``)
     max_inflight_per_uid: int = 256  # descriptors sent to a uid's connections, not yet read
     max_inflight: int = 4096  # the same for every client together
 
@@ -88,6 +89,8 @@ class BrokerConfig:
             raise ValueError("max_pending must be in 1..65535")
         if not 0 <= self.linger <= 3600:
             raise ValueError("linger must be in 0..3600 seconds")
+        if self.max_linger is not None and not 0 <= self.max_linger <= 3600:
+            raise ValueError("max_linger must be in 0..3600 seconds")
         if not self.client_timeout > 0:
             raise ValueError("client_timeout must be positive")
 

@@ -147,8 +147,8 @@ class Entry:
     its grants, in the order they were made.  ``extra`` is the caller's."""
 
     __slots__ = (
-        "backlog", "cover", "extra", "gen", "grants", "holders", "key", "phantom", "request",
-        "sock",
+        "backlog", "cover", "extra", "gen", "grants", "holders", "key", "lingers", "phantom",
+        "request", "sock",
     )  # fmt: skip
 
     def __init__(self, key: Key, request: Request, backlog: int | None) -> None:
@@ -164,12 +164,13 @@ class Entry:
         #: (share, name, uid), still counted in ``holders``
         self.phantom: tuple[ShareMode, str, int] | None = None
         self.gen = 0  # which lingering this is (a timer for an older one is void)
+        self.lingers = 0.0  # seconds of the current lingering
 
 
 class Grant:
     """One holder of one entry.  ``creates``: this claim made the entry."""
 
-    __slots__ = ("creates", "entry", "id", "name", "owner", "share", "uid")
+    __slots__ = ("creates", "entry", "id", "linger", "name", "owner", "share", "uid")
 
     def __init__(
         self, gid: int, owner: Any, uid: int, entry: Entry, share: ShareMode, name: str
@@ -181,16 +182,18 @@ class Grant:
         self.share = share
         self.name = name
         self.creates = False
+        self.linger = -1.0  # its own linger time if it ends last (<0: the table's)
 
 
 class ShareTable:
     """Every cached socket and every grant.  ``max_held``: grants per owner;
     ``max_sockets``: entries alive at once (cached or being created)."""
 
-    def __init__(self, max_sockets: int, max_held: int, *, linger: bool = False) -> None:
+    def __init__(self, max_sockets: int, max_held: int, *, linger: float = 0.0) -> None:
         self.max_sockets = max_sockets
         self.max_held = max_held
-        #: keep a socket whose last grant ended, for its last holder's successor
+        #: seconds to keep a socket whose last grant ended, for its last
+        #: holder's successor (a grant's own ``linger`` overrides it)
         self.linger = linger
         self.entries: dict[Key, Entry] = {}  # by key (port-0 entries once created)
         #: the same entries by (type, port): the ones whose addresses may overlap
@@ -311,7 +314,9 @@ class ShareTable:
         entry = g.entry
         if entry.grants or entry.sock is None:  # still held, or still being created
             return None
-        if self.linger:
+        seconds = g.linger if g.linger >= 0 else self.linger
+        if seconds > 0:
+            entry.lingers = seconds
             entry.phantom = (g.share, g.name, g.uid)
             entry.holders.change(g.share, (g.name, g.uid), 1)
             entry.gen += 1

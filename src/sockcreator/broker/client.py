@@ -70,6 +70,7 @@ from ._protocol import (
     ShareMode,
     StatusEntry,
     StatusQuery,
+    lingering,
 )
 
 _INT = struct.Struct("@i")
@@ -174,18 +175,26 @@ class Broker:
         v6only: bool = True,
         freebind: bool = False,
         backlog: int | None = None,
+        linger: float | None = None,
     ) -> socket.socket:
         """A bound socket (listening if ``backlog`` is given), non-inheritable.
 
         ``share``: NO, SAMEAPP (with ``name``) or ANY; ``reuseport``,
-        ``v6only`` and ``freebind`` are set before bind.  Raises
-        :class:`SocketRefusedError` if refused."""
+        ``v6only`` and ``freebind`` are set before bind.  ``linger``: seconds
+        the broker keeps the socket open if this grant is its last to end
+        (capped by the broker's ``--max-linger``; None: its ``--linger``).
+        Raises :class:`SocketRefusedError` if refused."""
         with self._lock:
             self._check_alive()
             t = _template(protocol, address, port, share, name, reuseport, v6only, freebind,
                           backlog)  # fmt: skip
             rid = self._next_id
-            answer = self._ask(rid, t.frame(rid), "request")[0]
+            frame = t.frame(rid)
+            if linger is not None:
+                if self.version < 2:
+                    raise _refused(errno.EOPNOTSUPP, Reason.UNAVAILABLE, t.request)
+                frame = lingering(frame, linger)  # (ValueError out of range)
+            answer = self._ask(rid, frame, "request")[0]
             if isinstance(answer, Denied):
                 raise _refused(answer.errno, answer.reason, t.request)
             assert isinstance(answer, Granted)
@@ -369,6 +378,7 @@ def get_listen_sockets(
     share: ShareSpec = ShareMode.NO,
     name: str = "",
     timeout: float = 10.0,
+    linger: float | None = None,
 ) -> tuple[Broker, list[socket.socket]]:
     """For ``sockcreator run --broker PATH --listen SPEC...``: connect, and
     get one socket per ``tcp|udp:ADDR:PORT`` spec (TCP ones listening).
@@ -392,6 +402,7 @@ def get_listen_sockets(
                     share=share,
                     name=name,
                     backlog=backlog if r.type == socket.SOCK_STREAM else None,
+                    linger=linger,
                 )
             )
     except BaseException:

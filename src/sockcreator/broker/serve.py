@@ -195,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
         "successor (zero-downtime restarts; default 0: close at once)",
     )
     p.add_argument(
+        "--max-linger",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="the most linger a request may ask for itself (run --broker --linger; "
+        "default: --linger)",
+    )
+    p.add_argument(
         "--max-inflight-per-user",
         type=int,
         default=256,
@@ -397,6 +405,7 @@ def _main(args: argparse.Namespace, root: bool) -> int:
             max_sockets=max_sockets,
             client_timeout=args.client_timeout,
             linger=args.linger,
+            max_linger=args.max_linger,
             max_inflight_per_uid=args.max_inflight_per_user,
             # Linux refuses a send once the sender's user has more in flight
             # than its RLIMIT_NOFILE: stay well within it.

@@ -23,6 +23,9 @@ the first byte of the data given with them (that is how ``recvmsg`` hands them
 out).  If ``feed`` raises, it handed none of them out and the caller must
 close them all; otherwise each one is in exactly one returned
 :class:`SocketReceived`.
+
+Size: the creator's whole wire format, 'S'/'P' and the 'B' extension, each
+request's encoder next to the parser of its answers, so they cannot drift.
 """
 
 from __future__ import annotations

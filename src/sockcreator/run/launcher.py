@@ -239,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --broker: the share name (SAMEAPP needs one)",
     )
     p.add_argument(
+        "--linger",
+        type=float,
+        metavar="SECONDS",
+        help="with --broker: ask the broker to keep each --listen socket open this long "
+        "after PROGRAM's grant ends, for its successor (capped by serve --max-linger)",
+    )
+    p.add_argument(
         "--broker",
         metavar="PATH",
         help="get the --listen sockets from the broker at PATH (no creator, no root needed)",
@@ -264,6 +271,7 @@ class Plan:
     intercept: bool = False
     share: str = "NO"
     share_name: str = ""
+    linger: float | None = None
 
 
 def default_name(request: Request) -> str:
@@ -317,8 +325,10 @@ def plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
     names = tuple(_check_name(n) for n in args.name) or tuple(default_name(r) for r in listens)
     if not 0 <= args.backlog <= 2**31 - 1:
         raise LaunchError(EXIT_USAGE, f"bad --backlog {args.backlog}")
-    if args.broker is None and (args.share != "NO" or args.share_name):
-        raise LaunchError(EXIT_USAGE, "--share and --share-name go with --broker")
+    if args.broker is None and (args.share != "NO" or args.share_name or args.linger is not None):
+        raise LaunchError(EXIT_USAGE, "--share, --share-name and --linger go with --broker")
+    if args.linger is not None and not 0 <= args.linger <= 3600:
+        raise LaunchError(EXIT_USAGE, f"bad --linger {args.linger} (0..3600 seconds)")
     if args.share == "SAMEAPP" and not args.share_name:
         raise LaunchError(EXIT_USAGE, "--share SAMEAPP needs --share-name")
     if args.broker is not None and (args.allow or not (listens or args.intercept)):
@@ -354,6 +364,7 @@ def plan(args: argparse.Namespace, environ: dict[str, str]) -> Plan:
         intercept=args.intercept,
         share=args.share,
         share_name=args.share_name,
+        linger=args.linger,
     )
 
 
@@ -561,7 +572,12 @@ def _launch_with_broker(p: Plan, environ: dict[str, str]) -> NoReturn:
     try:
         backlog = min(p.backlog, 65535)  # the kernel caps it at somaxconn anyway
         broker, socks = get_listen_sockets(
-            p.broker, p.listen_specs, backlog=backlog, share=p.share, name=p.share_name
+            p.broker,
+            p.listen_specs,
+            backlog=backlog,
+            share=p.share,
+            name=p.share_name,
+            linger=p.linger,
         )
     except SocketRefusedError as e:
         raise LaunchError(
