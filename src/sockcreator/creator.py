@@ -478,8 +478,8 @@ def serve(rd: socket.socket, wr: socket.socket, rules: list[Rule] | None) -> Non
         if isinstance(result, bytes):
             send(wr, result)
             continue
-        send(wr, b"S")
-        try:  # one data byte carries it, as BIND 10 does
+        try:  # 'S', then one data byte that carries it, as BIND 10 does
+            wr.sendall(b"S")
             wr.sendmsg(ONE, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, INT.pack(result.fileno()))])
         except OSError:
             die(EXIT_WRITE)
