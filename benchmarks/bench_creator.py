@@ -13,6 +13,13 @@ creator's resident memory, each next to its target.  The two baselines:
   starts it): sendall() the 'S' request, recv() the 'S', recvmsg() the
   descriptor with MSG_CMSG_CLOEXEC, close(); no library, no checks.
 
+And, for the creator itself (issue 14, section 3), the same bare loop
+against two other creators, side by side with ours: BIND 10's kind of C
+creator (``tests/creator/compat/b10_like_creator.c``, built with ``cc -O2``;
+skipped without a compiler), the peer our creator is held to, and
+``benchmarks/floor_creator.py``, the same system calls as ours in a Python
+loop with no checks at all: the floor under any creator in Python.
+
 Every request is TCP 127.0.0.1 port 0, and every socket received is closed.
 Timings use time.perf_counter after a warm-up.  Each run times every case
 once, one after the other (starting with a different case each run), so
@@ -30,11 +37,13 @@ import gc
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +62,11 @@ TARGET_START_MS = 20.0
 TARGET_RSS_MIB = 10.0
 TARGET_PIPELINED_VS_FLOOR = 2.0
 TARGET_LIBRARY_VS_BARE = 1.25
+TARGET_CREATOR_VS_C = 1.1  # issue 14, section 3
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+C_SOURCE = os.path.join(HERE, "..", "tests", "creator", "compat", "b10_like_creator.c")
+FLOOR_CREATOR = os.path.join(HERE, "floor_creator.py")
 
 
 # -- the measured loops: each makes n sockets and closes them ------------------
@@ -152,6 +166,17 @@ def memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def build_c_creator(directory: str) -> str | None:
+    """The C creator, built with ``cc -O2``; None without a compiler."""
+    cc = shutil.which("cc")
+    if cc is None:
+        return None
+    exe = os.path.join(directory, "b10-like-creator")
+    flags = ["-std=c99", "-D_DEFAULT_SOURCE", "-O2"]
+    subprocess.run([cc, *flags, "-o", exe, C_SOURCE], check=True)
+    return exe
+
+
 def creator_command(creator: str | None, harden: bool = True) -> list[str] | None:
     """argv for another creator file, or None: the package's own."""
     if creator is None:
@@ -186,6 +211,12 @@ def run(n: int, reps: int, batch: int, starts: int, creator: str | None) -> dict
     command = creator_command(creator)
     lib = SocketCreator(command)
     bare_sock, bare_proc = spawn(command or creator_argv())  # the same creator, hardened
+    build_dir = tempfile.mkdtemp(prefix="bench-creator-")
+    c_exe = build_c_creator(build_dir)
+    peers = {"floor_creator": [sys.executable, "-I", "-S", "-B", FLOOR_CREATOR]}
+    if c_exe is not None:
+        peers["c"] = [c_exe]
+    peer = {name: spawn(argv) for name, argv in peers.items()}
     loop = asyncio.new_event_loop()
     aio = AsyncSocketCreator(command)
     loop.run_until_complete(aio.start())
@@ -195,7 +226,7 @@ def run(n: int, reps: int, batch: int, starts: int, creator: str | None) -> dict
         # switch; two, in a VM: an IPI each), and it changes from run to run;
         # with both on one CPU the cost is the work done, which is what the
         # library adds.  The free runs are shown too.
-        pids = [0, lib.pid or 0, bare_proc.pid]
+        pids = [0, lib.pid or 0, bare_proc.pid] + [p.pid for _, p in peer.values()]
         cases: dict[str, Callable[[int], object]] = {
             "floor": floor_loop,
             "bare_seq_1cpu": on_one_cpu(pids, lambda k: bare_sequential(bare_sock, k)),
@@ -206,6 +237,10 @@ def run(n: int, reps: int, batch: int, starts: int, creator: str | None) -> dict
             "lib_batch": lambda k: library_batched(lib, k, batch),
             "async_gather": lambda k: loop.run_until_complete(async_gathered(aio, k, batch)),
         }
+        for name, (psock, _) in peer.items():
+            cases[f"{name}_seq_1cpu"] = on_one_cpu(pids, lambda k, s=psock: bare_sequential(s, k))
+            cases[f"{name}_seq"] = lambda k, s=psock: bare_sequential(s, k)
+            cases[f"{name}_batch"] = lambda k, s=psock: bare_batched(s, k, batch)
         for fn in cases.values():  # warm-up
             fn(max(batch, n // 10))
         samples: dict[str, list[float]] = {name: [] for name in cases}
@@ -221,9 +256,11 @@ def run(n: int, reps: int, batch: int, starts: int, creator: str | None) -> dict
         lib.terminate()
         loop.run_until_complete(aio.terminate())
         loop.close()
-        bare_sock.sendall(b"T")
-        bare_sock.close()
-        reap(bare_proc, 5.0)
+        for psock, pproc in [(bare_sock, bare_proc), *peer.values()]:
+            psock.sendall(b"T")
+            psock.close()
+            reap(pproc, 5.0)
+        shutil.rmtree(build_dir)
 
     start_to_first_socket(creator, True)  # warm the page cache
     start_h, start_nh, interp = [], [], []
@@ -237,6 +274,7 @@ def run(n: int, reps: int, batch: int, starts: int, creator: str | None) -> dict
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
         "load_average": [load_before, os.getloadavg()[0]],
         "creator": creator or CREATOR_PATH,
+        "c_peer": c_exe is not None,
         "n": n,
         "reps": reps,
         "batch": batch,
@@ -264,7 +302,7 @@ def report(r: dict[str, Any]) -> list[dict[str, Any]]:
     def checked(label: str, figure: str, what: str, value: float, limit: float, unit: str) -> None:
         ok = value <= limit
         checks.append({"what": what, "value": value, "target": limit, "unit": unit, "ok": ok})
-        base = what.split(" vs ")[-1].split(",")[0]  # "bare", "floor"
+        base = what.split(" vs ")[-1].split(",")[0]  # "bare", "floor", "C"
         target = f"<= {limit:g}{unit}" if unit != "x" else f"<= {limit:g}x {base}"
         row(label, figure, target, f"{value:.2f}{unit}", "ok" if ok else "MISSED")
 
@@ -314,6 +352,39 @@ def report(r: dict[str, Any]) -> list[dict[str, Any]]:
         "(no target)",
         f"{ratio('async_gather', 'bare_batch'):.2f}x bare batched",
     )
+    for way, seq in (("sequential", "seq"), (f"batched ({b})", "batch")):
+        if not r["c_peer"]:
+            row(f"C creator, {way}", "skipped (no cc)")
+            continue
+        row(f"bare loop against the C creator (cc -O2), {way}", f"{us[f'c_{seq}']:.1f} us")
+        checked(
+            f"  against our creator (Python), {way}",
+            f"{us[f'bare_{seq}']:.1f} us",
+            f"creator vs C, {way}",
+            ratio(f"bare_{seq}", f"c_{seq}"),
+            TARGET_CREATOR_VS_C,
+            "x",
+        )
+        row(
+            f"  against floor_creator.py (same syscalls), {way}",
+            f"{us[f'floor_creator_{seq}']:.1f} us",
+            "(the floor)",
+            f"{ratio(f'floor_creator_{seq}', f'c_{seq}'):.2f}x C",
+        )
+    if r["c_peer"]:
+        row("the same, sequential, all on one CPU: C", f"{us['c_seq_1cpu']:.1f} us")
+        row(
+            "  ours",
+            f"{us['bare_seq_1cpu']:.1f} us",
+            "(no target)",
+            f"{ratio('bare_seq_1cpu', 'c_seq_1cpu'):.2f}x C",
+        )
+        row(
+            "  floor_creator.py",
+            f"{us['floor_creator_seq_1cpu']:.1f} us",
+            "(the floor)",
+            f"{ratio('floor_creator_seq_1cpu', 'c_seq_1cpu'):.2f}x C",
+        )
     checked(
         "creator start to first socket (hardened)",
         f"{r['start_ms']:.1f} ms",

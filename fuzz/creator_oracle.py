@@ -163,13 +163,13 @@ def model(data: bytes, policy: bool) -> Expected:
             return Expected(reqs, "T")
         if cmd not in (b"S", b"P"):
             return Expected(reqs, "invalid")
-        if pos + 1 >= n:
+        # The shortest 'S' is 9 bytes and the shortest 'P' 10: the creator
+        # judges type and family only once that much is in.
+        if pos + (9 if cmd == b"S" else 10) > n:
             return Expected(reqs, "eof", True)
         kind = {b"T": "tcp", b"U": "udp"}.get(data[pos + 1 : pos + 2])
         if kind is None:
             return Expected(reqs, "invalid")
-        if pos + 2 >= n:
-            return Expected(reqs, "eof", True)
         family = {b"4": 4, b"6": 6}.get(data[pos + 2 : pos + 3])
         if family is None:
             return Expected(reqs, "invalid")

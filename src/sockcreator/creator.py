@@ -35,6 +35,19 @@ Requests (fixed length; anything else is answered 'F' 'I', then exit 12)::
     'B' ('4'|'6') port[2] addr[4|16], with exactly one descriptor on the 'B'
         byte (SCM_RIGHTS): bind the peer's own socket (``run --intercept``)
 
+Reads: the command byte alone (a 'T' must leave what follows it unread, and
+'B' needs recvmsg for its descriptor), then every 'S' in one read of 8 bytes
+(type, family, port, and the first 4 address bytes) and every 'P' in one of
+9: the shortest 'S' request is 9 bytes ('S' 'T' '4' port[2] addr[4]) and the
+shortest 'P' 10, so these bytes belong to the current request whatever they
+turn out to say, and no read ever reaches past it.  An IPv4 request is then
+complete (2 reads, where BIND 10's creator takes 4); an IPv6 one takes 12
+bytes more, the rest of its address and its 'P' byte (3 reads).  Type and
+family are judged once the 8 (or 9) bytes are in: a request that breaks off
+before them waits, or at EOF ends with status 10, as BIND 10's creator does
+for a type byte whose family byte never comes.  'B' reads family, port and
+address as before.
+
 The policy sees every address a socket would take traffic for: an IPv6
 request on an IPv4-mapped address (``::ffff:a.b.c.d``) must also be allowed
 for ``a.b.c.d``, and one on ``::`` with IPV6_V6ONLY off for ``0.0.0.0``.
@@ -107,6 +120,7 @@ SO_DOMAIN, SO_PROTOCOL, SO_NETNS_COOKIE = 39, 38, 71  # Linux values
 ANCBUF = 64  # CMSG_SPACE of a few descriptors: what does not fit is dropped (MSG_CTRUNC)
 NETNS = [0]  # our network namespace's cookie, once known
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+ONE = [b"\0"]  # the data byte that carries a descriptor
 
 Rule = tuple[bytes, bytes, bytes, int, int]  # type, family, packed addr ('' = any), lo, hi
 
@@ -317,9 +331,7 @@ def read_exact(rd: socket.socket, n: int) -> bytes:
     return buf
 
 
-def create(
-    kind: bytes, family: bytes, port: bytes, addr: bytes, flags: int = 0
-) -> socket.socket | bytes:
+def create(kind: bytes, family: bytes, port: int, addr: bytes, flags: int) -> socket.socket | bytes:
     """The socket, or the 'E' answer to send."""
     fam = socket.AF_INET if family == b"4" else socket.AF_INET6
     typ = socket.SOCK_STREAM if kind == b"T" else socket.SOCK_DGRAM
@@ -344,7 +356,7 @@ def create(
                     sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU, 1280)
                     sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DONT)
         host = socket.inet_ntop(fam, addr)  # numeric: bind() does no name lookup
-        sock.bind((host, int.from_bytes(port, "big")))
+        sock.bind((host, port))
     except OSError as e:
         sock.close()
         return b"EB" + INT.pack(e.errno or 0)
@@ -413,10 +425,7 @@ def netns_of(sock: socket.socket) -> int:
 
 
 def invalid(wr: socket.socket, what: bytes) -> None:
-    try:
-        wr.sendall(b"FI")
-    except OSError:
-        die(EXIT_WRITE)
+    send(wr, b"FI")
     die(EXIT_PROTOCOL, f"invalid input {what!r}")
 
 
@@ -432,50 +441,56 @@ def serve(rd: socket.socket, wr: socket.socket, rules: list[Rule] | None) -> Non
                 close_all(fds)
                 invalid(wr, command + family)
             fields = read_exact(rd, 2 + (4 if family == b"4" else 16))
-            answer = bind_theirs(fds[0], family, fields, rules)
-            try:
-                wr.sendall(answer)
-            except OSError:
-                die(EXIT_WRITE)
+            send(wr, bind_theirs(fds[0], family, fields, rules))
             continue
-        close_all(fds)  # nothing else takes a descriptor: dropped, as ever
+        if fds:
+            close_all(fds)  # nothing else takes a descriptor: dropped, as ever
         if command == b"T":
             die(EXIT_OK)
-        kind = read_exact(rd, 1) if command in (b"S", b"P") else b""
-        family = read_exact(rd, 1) if kind in (b"T", b"U") else b""
-        if family not in (b"4", b"6"):
-            invalid(wr, command + kind + family)
-        fields = read_exact(rd, 2 + (4 if family == b"4" else 16))  # port, address
-        port, addr = fields[:2], fields[2:]
-        flags = read_exact(rd, 1)[0] if command == b"P" else 0
+        if command not in (b"S", b"P"):
+            invalid(wr, command)
+        # Every 'S' is at least 9 bytes and every 'P' 10 (see the docstring):
+        # type, family, port and 4 address bytes (and a 'P' byte) in one read.
+        body = read_exact(rd, 8 if command == b"S" else 9)
+        kind, family = body[:1], body[1:2]
+        if kind not in (b"T", b"U") or family not in (b"4", b"6"):
+            invalid(wr, command + body)
+        if family == b"6":
+            body += read_exact(rd, 12)  # the rest of the address (and the 'P' byte)
+        port, addr = body[2:4], body[4:8] if family == b"4" else body[4:20]
+        flags = body[-1] if command == b"P" else 0
         if flags & ~P_ALL or (flags & P_DUALSTACK and family == b"4"):
-            invalid(wr, command + kind + family + bytes([flags]))
+            invalid(wr, command + body)
         number = int.from_bytes(port, "big")
-        ok = allowed(rules, kind, family, addr, number)
+        ok = rules is None or allowed(rules, kind, family, addr, number)
         # IPv4 traffic reaches an IPv6 socket on a mapped address, and on ::
         # with V6ONLY off: the IPv4 address must be allowed too.
-        ipv4 = addr[:12] == MAPPED or (flags & P_DUALSTACK and not any(addr))
-        if ok and family == b"6" and ipv4:
+        v4 = addr[:12] == MAPPED or (flags & P_DUALSTACK and not any(addr))
+        if ok and family == b"6" and v4:
             ok = allowed(rules, kind, b"4", addr[12:], number)
-        if ok:
-            result = create(kind, family, port, addr, flags)
-        else:
+        if not ok:
             fam = socket.AF_INET if family == b"4" else socket.AF_INET6
-            log(
-                f"denied {'tcp' if kind == b'T' else 'udp'} {socket.inet_ntop(fam, addr)} "
-                f"port {int.from_bytes(port, 'big')} by policy"
-            )
-            result = b"EB" + INT.pack(1)  # EPERM
-        try:
-            if isinstance(result, bytes):
-                wr.sendall(result)
-                continue
+            log(f"denied {'tcp' if kind == b'T' else 'udp'} {socket.inet_ntop(fam, addr)} "
+                f"port {number} by policy")  # fmt: skip
+            send(wr, b"EB" + INT.pack(1))  # EPERM
+            continue
+        result = create(kind, family, number, addr, flags)
+        if isinstance(result, bytes):
+            send(wr, result)
+            continue
+        try:  # 'S', then one data byte that carries it, as BIND 10 does
             wr.sendall(b"S")
-            rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, INT.pack(result.fileno()))
-            wr.sendmsg([b"\0"], [rights])  # one data byte carries it, as BIND 10 does
-            result.close()  # (on a failed write we exit, which closes it)
+            wr.sendmsg(ONE, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, INT.pack(result.fileno()))])
         except OSError:
             die(EXIT_WRITE)
+        result.close()  # (on a failed write we exit, which closes it)
+
+
+def send(wr: socket.socket, answer: bytes) -> None:
+    try:
+        wr.sendall(answer)
+    except OSError:
+        die(EXIT_WRITE)
 
 
 def main() -> None:

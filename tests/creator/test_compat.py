@@ -240,10 +240,14 @@ SCRIPTS = {
     "unknown-command": b"X",
     "unknown-command-nul": b"\x00",
     "unknown-command-lowercase": b"s",
-    "unknown-type": b"SX",
+    # Invalid requests at least as long as the shortest 'S' (9 bytes): ours
+    # reads 8 bytes after the 'S' before it judges them (BIND 10's reads the
+    # type and family together, this C one byte by byte); shorter, ours waits.
+    # Each ends with a byte that neither reads (both exit leaving it: RESET).
+    "unknown-type": b"SX" + bytes(7) + b"T",
     "unknown-type-then-more": b"Su4" + req("tcp", "127.0.0.1"),
-    "unknown-family": b"ST5",
-    "unknown-family-then-more": b"SU\x04\x00\x00",
+    "unknown-family": b"ST5" + bytes(6) + b"T",
+    "unknown-family-then-more": b"SU\x04" + bytes(6) + req("udp", "127.0.0.1"),
     "FI-after-answer": req("udp", "127.0.0.1") + b"Q" + req("udp", "127.0.0.1"),
     "T-then-more": req("udp", "127.0.0.1") + b"T" + req("udp", "127.0.0.1"),
 }

@@ -240,16 +240,42 @@ BAD_TYPES = [b"\x00", b"t", b"u", b"S", b"4", b"6", b"E", b"\xff"]
 BAD_FAMILIES = [b"\x00", b"\x04", b"\x06", b"T", b"U", b"2", b"i", b"\xff"]
 INVALID = [b"S" + t for t in BAD_TYPES]
 INVALID += [b"ST" + f for f in BAD_FAMILIES] + [b"SU" + f for f in BAD_FAMILIES]
+INVALID += [b"P" + t for t in BAD_TYPES] + [b"PT" + f for f in BAD_FAMILIES]
+#: Every 'S' request is at least 9 bytes and every 'P' 10; the creator reads
+#: the 8 (9) after the command in one read and only then judges type and family.
+SHORTEST = {b"S": 9, b"P": 10}
+
+
+def padded(script: bytes) -> bytes:
+    """``script`` filled with NULs to the shortest request of its command."""
+    return script + bytes(SHORTEST[script[:1]] - len(script))
 
 
 @pytest.mark.parametrize("trailing", [b"", b"4"], ids=["alone", "with-a-byte-after"])
 def test_unknown_type_or_family_gets_FI_and_reads_no_further(trailing: bytes) -> None:
-    scripts = [s + trailing for s in INVALID]
+    scripts = [padded(s) + trailing for s in INVALID]
     for script, out in zip(scripts, run_scripts(scripts), strict=True):
         assert (out.data, out.nfds, out.status) == (b"FI", 0, EXIT_PROTOCOL), script
-        # A byte sent after the bad one is never read: the creator exits with
-        # it unread, which the kernel reports to us as a reset.
+        # A byte sent after the shortest request is never read: the creator
+        # exits with it unread, which the kernel reports to us as a reset.
         assert out.end == ("RESET" if trailing else "EOF"), script
+
+
+def test_bad_type_is_judged_only_once_the_shortest_request_is_in() -> None:
+    # One byte short of the shortest request: no answer, and at EOF the end
+    # of input inside a request (exit 10, nothing written), as for a good one.
+    scripts = [padded(s)[:-1] for s in INVALID]
+    for script, out in zip(scripts, run_scripts(scripts, shut_wr=True), strict=True):
+        assert (out.data, out.nfds, out.end, out.status) == (b"", 0, "EOF", EXIT_READ), script
+
+
+def test_no_answer_before_the_shortest_request_is_in(creator: RawCreator) -> None:
+    creator.sock.sendall(padded(b"SX")[:-1])
+    time.sleep(0.02)
+    assert not _readable(creator.sock)
+    creator.sock.sendall(b"\0")
+    assert read_to_end(creator.sock) == (b"FI", 0, "EOF")
+    assert creator.wait() == EXIT_PROTOCOL
 
 
 def test_unknown_command_after_answers_and_nothing_after_it_is_read() -> None:

@@ -8,6 +8,7 @@ import array
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import math
 import os
 import pwd
@@ -36,6 +37,7 @@ __all__ = [
     "descriptor_lost_error",
     "normalize",
     "reap",
+    "request_of",
     "spawn",
     "unpack_fds",
 ]
@@ -48,6 +50,7 @@ CREATOR_PATH = str(Path(__file__).resolve().parent.parent / "creator.py")
 ANCBUFSIZE = socket.CMSG_SPACE(8 * array.array("i").itemsize)
 RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _INT_SIZE = array.array("i").itemsize
+_INT = struct.Struct("@i")
 #: A dead creator is an EPIPE error, never a SIGPIPE that kills a client
 #: whose SIGPIPE disposition is the default.
 SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
@@ -63,6 +66,21 @@ _kernel_type = socket.SocketType.type.__get__
 RequestSpec = Union[Request, tuple[ProtocolSpec, AddressSpec, int]]
 
 
+@functools.lru_cache(maxsize=256, typed=True)  # typed: True is not 1, 0.0 is not 0
+def cached_request(protocol: ProtocolSpec, address: AddressSpec, port: int) -> Request:
+    """make_request for requests made again and again: Requests are immutable,
+    and validating the same arguments again costs a tenth of a sequential
+    request.  Refusals are exceptions, which lru_cache never stores."""
+    return make_request(protocol, address, port)
+
+
+def request_of(protocol: ProtocolSpec, address: AddressSpec, port: int) -> Request:
+    try:
+        return cached_request(protocol, address, port)
+    except TypeError:  # unhashable, or refused: let make_request say what is wrong
+        return make_request(protocol, address, port)
+
+
 def normalize(requests: Iterable[RequestSpec]) -> list[Request]:
     """Validate every request before anything is sent."""
     out = []
@@ -70,7 +88,7 @@ def normalize(requests: Iterable[RequestSpec]) -> list[Request]:
         if isinstance(r, Request):
             out.append(r)
         elif isinstance(r, tuple) and len(r) == 3:
-            out.append(make_request(*r))
+            out.append(request_of(*r))
         else:
             raise TypeError(f"a request is a Request or (protocol, address, port), not {r!r}")
     return out
@@ -197,6 +215,10 @@ def set_kernel_timeouts(sock: socket.socket, timeout: float) -> None:
 def unpack_fds(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
     """Descriptors from one ``recvmsg``, close-on-exec.  A truncated control
     message closes what did arrive and is a protocol violation."""
+    if len(ancdata) == 1 and not flags & _MSG_CTRUNC and RECV_FLAGS:  # the usual: one descriptor
+        level, kind, data = ancdata[0]
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) == _INT_SIZE:
+            return [_INT.unpack(data)[0]]
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -262,14 +284,15 @@ def adopt(fd: int, request: Request) -> socket.socket:
         raise ProtocolViolation(f"received descriptor is not a socket: {e}") from None
     try:
         family, kind = _kernel_family(sock), _kernel_type(sock)
-        if family != request.family or kind != request.type:
+        want_family, want_type, want_packed, want_port = request._expected
+        if family != want_family or kind != want_type:
             raise ProtocolViolation(f"asked for {request}, received {_describe(family, kind)}")
         host, port = sock.getsockname()[:2]
         try:  # compare bytes, not parsed objects (a scope suffix fails here, as it must)
             packed = socket.inet_pton(family, host)
         except OSError:
             packed = b""
-        if packed != request.address.packed or (request.port and port != request.port):
+        if packed != want_packed or (want_port and port != want_port):
             raise ProtocolViolation(
                 f"asked for {request}, received {_describe(family, kind)} {host} {port}"
             )

@@ -115,6 +115,12 @@ class Request:
         return self._wire
 
     @functools.cached_property
+    def _expected(self) -> tuple[int, int, bytes, int]:
+        """(family, type, packed address, port) as plain ints and bytes, made
+        once: what a received socket is checked against."""
+        return int(self.family), int(self.type), self.address.packed, self.port
+
+    @functools.cached_property
     def _wire(self) -> bytes:
         """The bytes on the wire, made once: a Request never changes."""
         options = int(self.options)

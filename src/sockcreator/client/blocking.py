@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import struct
@@ -24,6 +23,7 @@ from ._channel import (
     descriptor_lost_error,
     normalize,
     reap,
+    request_of,
     set_kernel_timeouts,
     spawn,
     unpack_fds,
@@ -38,21 +38,12 @@ from ._protocol import (
     ProtocolViolation,
     Request,
     SocketReceived,
-    make_request,
 )
 
 __all__ = ["ENV_FD", "SocketCreator"]
 
 #: Environment variable naming an inherited creator connection (see ``run``).
 ENV_FD = "SOCKCREATOR_FD"
-
-
-@functools.lru_cache(maxsize=256, typed=True)  # typed: True is not 1, 0.0 is not 0
-def _cached_request(protocol: ProtocolSpec, address: AddressSpec, port: int) -> Request:
-    """make_request for repeated get_socket() calls: Requests are immutable, and
-    validating the same arguments again costs a tenth of a sequential request.
-    Refusals are exceptions, which lru_cache never stores."""
-    return make_request(protocol, address, port)
 
 
 class SocketCreator:
@@ -138,11 +129,7 @@ class SocketCreator:
 
     def get_socket(self, protocol: ProtocolSpec, address: AddressSpec, port: int) -> socket.socket:
         """One bound socket (not listening), non-inheritable."""
-        try:
-            request = _cached_request(protocol, address, port)
-        except TypeError:  # unhashable, or refused: let make_request say what is wrong
-            request = make_request(protocol, address, port)
-        return self._transact([request])[0]
+        return self._transact([request_of(protocol, address, port)])[0]
 
     def get_sockets(self, requests: Iterable[RequestSpec]) -> list[socket.socket]:
         """Many sockets, pipelined in one write.  All or nothing: on any
@@ -218,7 +205,7 @@ class SocketCreator:
             self._fatal(f"cannot read from the creator: {e}")
         fds: list[int] = []
         if anc or flags:  # (most reads carry nothing but data)
-            if descriptor_lost(data, anc, flags):  # our table is full, the channel in step
+            if flags and descriptor_lost(data, anc, flags):  # our table is full, in step
                 try:
                     return self._parser.feed_lost_descriptor(data)
                 except ProtocolViolation as e:
