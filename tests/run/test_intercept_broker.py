@@ -31,19 +31,24 @@ from typing import Any
 import pytest
 from conftest import TEST_USERS, ensure_user, fd_count, netns_argv, requires_linux, requires_root
 from test_intercept_servers import (
+    APACHE_CONF,
     ENV,
     NGINX_CONF,
+    PAGE,
+    WSGI_APP,
     Server,
     assert_page,
     children,
     dns_a_records,
     dns_query,
+    is_static,
     need,
     nginx,
+    waitress_serve,  # (a fixture: Debian's waitress-serve, or one in a venv)
     work,  # (a fixture: the work directory, owned by ``user``)
 )
 
-__all__ = ["work"]  # a fixture from test_intercept_servers, used here by name
+__all__ = ["waitress_serve", "work"]  # fixtures from test_intercept_servers
 
 pytestmark = [requires_root, requires_linux, pytest.mark.root]
 
@@ -231,6 +236,49 @@ def test_dnsmasq_through_the_broker(work: Path, user: str, world: Path, broker: 
         assert server.stop() == 0, server.output()
     kinds = {(b["proto"], b["port"]) for b in broker.audit("bind")}
     assert kinds == {("udp", 53), ("tcp", 53)}, broker.log.read_text()
+
+
+def _program(name: str, work: Path, waitress: str) -> tuple[list[str], dict[str, str]]:
+    """PROGRAM for each of the other servers of test_intercept_servers.py,
+    on tcp 127.0.0.1:80, and its environment."""
+    www = str(work / "www")
+    if name == "apache":
+        exe = need("/usr/sbin/apache2", "/usr/sbin/httpd")
+        conf = work / "httpd.conf"
+        conf.write_text(APACHE_CONF.format(d=work, m="/usr/lib/apache2/modules"))
+        return [exe, "-f", str(conf), "-DFOREGROUND"], {}
+    if name == "busybox":
+        exe = need("/bin/busybox", "/usr/bin/busybox")
+        if not is_static(exe):
+            pytest.skip(f"{exe} is not static (Debian's busybox-static is)")
+        return [exe, "httpd", "-f", "-p", "127.0.0.1:80", "-h", www], {}
+    if name == "caddy":
+        env = {"XDG_CONFIG_HOME": str(work / "config"), "XDG_DATA_HOME": str(work / "data")}
+        return [need("/usr/bin/caddy"), "file-server", "--listen", "127.0.0.1:80",
+                "--root", www], env  # fmt: skip
+    if name == "waitress":
+        (work / "app.py").write_text(WSGI_APP.format(page=PAGE))
+        (work / "app.py").chmod(0o644)
+        return [waitress, "--listen=127.0.0.1:80", "app:application"], {}
+    return [SYSTEM_PYTHON, "-m", "http.server", "--bind", "127.0.0.1", "--directory", www,
+            "80"], {}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["apache", "busybox", "caddy", "waitress", "http.server"])
+def test_the_other_servers_through_the_broker(
+    work: Path, user: str, world: Path, broker: Broker, waitress_serve: str, name: str
+) -> None:
+    """Apache httpd, busybox httpd (static), caddy (Go), waitress and
+    python's http.server, each unmodified, as alice, through the broker."""
+    program, env = _program(name, work, waitress_serve)
+    argv = broker.run_argv(world, user, program)
+    with Server(work, user, [], program, argv=argv, env=env, cwd=work) as server:
+        assert_page(server.get("127.0.0.1"))
+        assert_no_root(server, user)
+        server.stop()
+    binds = broker.audit("bind")
+    assert [(b["proto"], b["port"], b["result"]) for b in binds] == [("tcp", 80, "ok")], binds
+    assert "denied" not in server.output(), server.output()
 
 
 BINDER = r"""
