@@ -9,6 +9,9 @@ setups; each figure is the median of R rounds.
 - privileged binds (TCP 127.0.0.1:80): through interception, against
   ``authbind --deep`` (Debian's: an LD_PRELOAD that forks a setuid helper for
   every bind).  Target: interception at most 0.25x authbind's cost.
+- the same privileged binds with ``run --broker PATH --intercept`` as
+  ``nobody`` (no root in the chain): each one a round trip to the broker
+  (``sockcreator serve``, in the same namespace) and its creator.
 - unprivileged binds (UDP 127.0.0.1:0, the CONTINUE path): no filter at all;
   a floor supervisor that answers CONTINUE to everything without looking;
   ours.  Target: ours at most 1.3x the floor.
@@ -96,6 +99,65 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def ensure_user(name: str) -> None:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", name], check=True)  # fmt: skip
+
+
+class BrokerInNetns:
+    """``sockcreator serve`` in a fresh netns, allowing nobody tcp 127.0.0.1:80,
+    and a world-readable copy of the package for ``run`` as nobody."""
+
+    def __init__(self, d: Path) -> None:
+        import sockcreator
+
+        for user in ("sockc-broker", "sockc-creator"):
+            ensure_user(user)
+        self.world = d / "world"
+        shutil.copytree(Path(sockcreator.__file__).parent, self.world / "sockcreator",
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+        for root, _dirs, files in os.walk(self.world):
+            os.chmod(root, 0o755)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o644)
+        bdir = Path(tempfile.mkdtemp(prefix="sockc-bench-broker-", dir="/tmp"))
+        bdir.chmod(0o755)
+        self.dir = bdir
+        self.path = str(bdir / "broker.sock")
+        policy = bdir / "policy.toml"
+        policy.write_text('[[allow]]\nusers = ["nobody"]\nprotocols = ["tcp"]\n'
+                          'addresses = ["127.0.0.1"]\nports = [80]\n')  # fmt: skip
+        self.log = bdir / "broker.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                netns([sys.executable, "-m", "sockcreator.cli", "serve", "--socket", self.path,
+                       "--policy", str(policy), "--user", "sockc-broker",
+                       "--creator-user", "sockc-creator"]),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while '"event":"ready"' not in self.log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the broker did not start: {self.log.read_text()}")
+            time.sleep(0.02)
+
+    def argv(self, cmd: list[str]) -> list[str]:
+        return ["nsenter", f"--net=/proc/{self.proc.pid}/ns/net", "setpriv", "--reuid=65534",
+                "--regid=65534", "--clear-groups", "env", f"PYTHONPATH={self.world}", PY,
+                "-m", "sockcreator.cli", "run", "--broker", self.path, "--intercept", "--",
+                *cmd]  # fmt: skip
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--binds", type=int, default=2000)
@@ -124,6 +186,7 @@ def main() -> int:
         results.setdefault(name, []).append(value)
 
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    broker = BrokerInNetns(d)
     for _ in range(args.rounds):
         add("priv intercept", timed(netns([*sc, "--intercept", "--user", "nobody", "--allow",
                                            "tcp:127.0.0.1:80", "--", PY, str(work), "tcp", "80",
@@ -131,6 +194,8 @@ def main() -> int:
         if authbind:
             add("priv authbind", timed(netns([*nobody, authbind, "--deep", PY, str(work),
                                               "tcp", "80", str(priv_n)])))  # fmt: skip
+        add("priv broker intercept", timed(broker.argv([PY, str(work), "tcp", "80",
+                                                        str(priv_n)])))  # fmt: skip
         add("cont none", timed(netns([*nobody, PY, str(work), "udp", "0", str(n)])))
         add(
             "cont floor",
@@ -166,8 +231,12 @@ def main() -> int:
         ratio = med["priv intercept"] / med["priv authbind"]
         print(f"privileged bind, intercept / authbind: {ratio:.3f}x (target <= 0.25x)"
               f" {'met' if ratio <= 0.25 else 'MISSED'}")  # fmt: skip
+        ratio = med["priv broker intercept"] / med["priv authbind"]
+        print(f"privileged bind through the broker, as nobody / authbind: {ratio:.3f}x")
     else:
         print("authbind is not installed: no comparison (apt-get install authbind)")
+    ratio = med["priv broker intercept"] / med["priv intercept"]
+    print(f"privileged bind, through the broker / with its own creator: {ratio:.2f}x")
     ratio = med["cont ours"] / med["cont floor"]
     best = low["cont ours"] / low["cont floor"]
     over = (med["cont ours"] - none) / max(med["cont floor"] - none, 1e-9)
@@ -177,6 +246,7 @@ def main() -> int:
         f" added cost ours / floor's: {over:.2f}x"
     )
     print(f"start-up, run --intercept / run: {med['start intercept'] / med['start plain']:.2f}x")
+    broker.stop()
     shutil.rmtree(d, ignore_errors=True)
     return 0
 

@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -329,3 +330,81 @@ def test_many_binds_leave_the_broker_flat(
         assert time.monotonic() < deadline, (before, fd_count(broker_pid))
         time.sleep(0.05)
     assert len(broker.audit("bind")) == 200
+
+
+# --- a broker that misbehaves (a scripted peer: the error paths) --------------------
+
+TWO_BINDS = r"""
+import errno, socket
+for _ in range(2):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 80))
+        print("ok", flush=True)
+    except OSError as e:
+        print(errno.errorcode[e.errno], flush=True)
+    s.close()
+"""
+
+
+def _fake_broker(path: str, behaviour: str) -> threading.Thread:
+    """One connection: answer the hello (version 1 for "version 1"), then
+    take the first ``B`` and stall on it, close, or answer garbage."""
+    from sockcreator.broker._protocol import HelloReply
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o666)
+    listener.listen()
+
+    def serve() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.settimeout(30)
+            assert conn.recv(4)[:1] == b"H"
+            conn.sendall(HelloReply(1 if behaviour == "version 1" else 2, 16, 8).encode())
+            data, anc, _, _ = conn.recvmsg(64, socket.CMSG_SPACE(4))
+            for _l, _k, blob in anc:
+                os.close(struct.unpack("@i", blob[:4])[0])
+            if data[:1] != b"B":
+                return
+            if behaviour == "stall":
+                conn.recv(1)  # until the supervisor gives up and closes
+            elif behaviour == "garbage":
+                conn.sendall(b"K\x00\x04\x00\x00\x00\x01")  # a release answer, to a bind
+                conn.recv(1)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("behaviour", ["stall", "close", "garbage", "version 1"])
+def test_a_broker_that_fails_never_leaves_program_blocked(
+    work: Path, user: str, behaviour: str
+) -> None:
+    """Stalled: the bind fails with EAGAIN after the 5 s timeout; gone or
+    broken: EACCES; every later privileged bind EACCES.  A broker that does
+    not speak version 2: exit 103 before PROGRAM runs."""
+    d = Path(tempfile.mkdtemp(prefix="sockc-fakebroker-", dir="/tmp"))
+    d.chmod(0o755)
+    path = str(d / "broker.sock")
+    thread = _fake_broker(path, behaviour)
+    script = work / "two_binds.py"
+    script.write_text(TWO_BINDS)
+    script.chmod(0o644)
+    argv = [sys.executable, "-m", "sockcreator.cli", "run", "--broker", path, "--intercept",
+            "--user", user, "--", SYSTEM_PYTHON, str(script)]  # fmt: skip
+    try:
+        done = subprocess.run(netns_argv(argv), capture_output=True, text=True, timeout=60,
+                              env=ENV, stdin=subprocess.DEVNULL)  # fmt: skip
+    finally:
+        thread.join(10)
+        shutil.rmtree(d, ignore_errors=True)
+    if behaviour == "version 1":
+        assert done.returncode == 103 and "too old for --intercept" in done.stderr, done
+        assert not done.stdout
+        return
+    assert done.returncode == 0, done.stderr
+    first = {"stall": "EAGAIN", "close": "EACCES", "garbage": "EACCES"}[behaviour]
+    assert done.stdout.split() == [first, "EACCES"], done
+    assert "privileged binds now fail with EACCES" in done.stderr, done.stderr

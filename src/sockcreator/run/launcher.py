@@ -578,6 +578,7 @@ def _launch_with_broker(p: Plan, environ: dict[str, str]) -> NoReturn:
             share=p.share,
             name=p.share_name,
             linger=p.linger,
+            timeout=5.0 if p.intercept else 10.0,  # (the supervisor's, for binds)
         )
     except SocketRefusedError as e:
         raise LaunchError(
