@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Union
 
 import pytest
@@ -243,3 +244,48 @@ class RawCreator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def copy_package_world_readable(base: Path) -> None:
+    """The package copied into ``base/sockcreator``, everything world-readable
+    (for processes of other users running Debian's python3 with PYTHONPATH=base:
+    the test interpreter may live under the 0700 /root)."""
+    import sockcreator
+
+    shutil.copytree(Path(sockcreator.__file__).parent, base / "sockcreator",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for root, _dirs, files in os.walk(base):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+
+
+def socket_in_netns(netns: str | int, family: int = socket.AF_INET,
+                    kind: int = socket.SOCK_STREAM) -> socket.socket:  # fmt: skip
+    """A socket made in another network namespace (a path such as
+    /proc/PID/ns/net, or an open descriptor of one), by a thread that enters
+    it: setns() changes the calling thread only."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    made: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if isinstance(netns, str) else netns
+        try:
+            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                raise OSError(ctypes.get_errno(), "setns")
+            made.append(socket.socket(family, kind))
+        except BaseException as e:
+            made.append(e)
+        finally:
+            if isinstance(netns, str):
+                os.close(fd)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]

@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_USERS, ensure_user, fd_count, netns_argv, requires_linux, requires_root
+from conftest import (
+    TEST_USERS,
+    copy_package_world_readable,
+    ensure_user,
+    fd_count,
+    netns_argv,
+    requires_linux,
+    requires_root,
+)
 
 from sockcreator.broker import client as broker_client
 from sockcreator.broker._protocol import FatalCode, Hello, Reason, ShareMode, SocketRequest
@@ -984,21 +992,12 @@ print(json.dumps(out), flush=True)
 @pytest.fixture(scope="module")
 def world() -> Iterator[Path]:
     """A world-readable copy of the package, and PROGRAM, for Debian's python3."""
-    import sockcreator
 
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip(f"{SYSTEM_PYTHON} is missing")
     base = Path(tempfile.mkdtemp(prefix="sockc-brun-", dir="/tmp"))
-    shutil.copytree(
-        Path(sockcreator.__file__).parent,
-        base / "sockcreator",
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
     (base / "program.py").write_text(BROKER_PROGRAM)
-    for root, _dirs, files in os.walk(base):
-        os.chmod(root, 0o755)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o644)
+    copy_package_world_readable(base)
     yield base
     shutil.rmtree(base, ignore_errors=True)
 

@@ -11,17 +11,15 @@ tests/run/test_intercept_broker.py.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
 import os
 import socket
 import struct
-import threading
 from collections.abc import Callable
 
 import pytest
-from conftest import fd_count
+from conftest import fd_count, socket_in_netns
 from test_broker import (  # the fixtures and the broker under test
     HELLO,
     BrokerProc,
@@ -48,7 +46,6 @@ from sockcreator.client._protocol import make_request
 __all__ = ["start_broker", "users", "workdir"]  # fixtures, used here by name
 
 LOCAL = ipaddress.ip_address("127.0.0.1")
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 # --- the decoder, pure --------------------------------------------------------------
@@ -98,28 +95,8 @@ def test_descriptor_rules_are_violations(case: str) -> None:
 # --- a real broker ------------------------------------------------------------------
 
 
-def _in_netns(pid: int, make: Callable[[], socket.socket]) -> socket.socket:
-    """A socket made in the network namespace of process ``pid`` (by a thread
-    that entered it: setns() changes the calling thread only)."""
-    out: list[socket.socket | BaseException] = []
-
-    def run() -> None:
-        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if _libc.setns(fd, 0x40000000) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-            out.append(make())
-        except BaseException as e:
-            out.append(e)
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return out[0]
+def _in_netns(pid: int, make: Callable[[], socket.socket] = socket.socket) -> socket.socket:
+    return socket_in_netns(f"/proc/{pid}/ns/net")
 
 
 def test_bind_socket_keeps_options_and_passes_kernel_errors(

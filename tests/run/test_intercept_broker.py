@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_USERS, ensure_user, fd_count, netns_argv, requires_linux, requires_root
+from conftest import (
+    TEST_USERS,
+    copy_package_world_readable,
+    ensure_user,
+    fd_count,
+    netns_argv,
+    requires_linux,
+    requires_root,
+)
 from test_intercept_servers import (
     APACHE_CONF,
     ENV,
@@ -38,10 +46,10 @@ from test_intercept_servers import (
     PAGE,
     WSGI_APP,
     Server,
+    assert_dnsmasq_answers,
     assert_page,
     children,
-    dns_a_records,
-    dns_query,
+    dnsmasq,
     is_static,
     need,
     nginx,
@@ -82,17 +90,10 @@ def user() -> str:
 @pytest.fixture(scope="module")
 def world() -> Iterator[Path]:
     """A world-readable copy of the package, for Debian's python3 as alice."""
-    import sockcreator
-
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip(f"{SYSTEM_PYTHON} is missing")
     base = Path(tempfile.mkdtemp(prefix="sockc-ibroker-", dir="/tmp"))
-    shutil.copytree(Path(sockcreator.__file__).parent, base / "sockcreator",
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-    for root, _dirs, files in os.walk(base):
-        os.chmod(root, 0o755)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o644)
+    copy_package_world_readable(base)
     yield base
     shutil.rmtree(base, ignore_errors=True)
 
@@ -204,35 +205,10 @@ def test_nginx_port_the_broker_refuses_is_its_own_eacces(
 
 
 def test_dnsmasq_through_the_broker(work: Path, user: str, world: Path, broker: Broker) -> None:
-    exe = need("/usr/sbin/dnsmasq")
-    program = [exe, "-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-               "--listen-address=127.0.0.1", "--bind-interfaces", "--port=53",
-               "--address=/test.example/192.0.2.7", f"--pid-file={work}/dnsmasq.pid",
-               f"--user={user}", "--log-facility=-"]  # fmt: skip
+    program = dnsmasq(work, user)
     argv = broker.run_argv(world, user, program)
     with Server(work, user, [], program, argv=argv) as server:
-        with server.connect("127.0.0.1", 53, socket.SOCK_DGRAM) as udp:
-            udp.settimeout(0.5)
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    udp.send(dns_query("www.test.example", 0x1234))
-                    answer = udp.recv(4096)
-                    break
-                except OSError:
-                    assert server.proc.poll() is None, server.output()
-                    assert time.monotonic() < deadline, server.output()
-                    time.sleep(0.05)
-        assert dns_a_records(answer, 0x1234) == ["192.0.2.7"], answer
-        with server.connect("127.0.0.1", 53) as tcp:
-            query = dns_query("test.example", 0x4321)
-            tcp.sendall(struct.pack("!H", len(query)) + query)
-            data = b""
-            while len(data) < 2 or len(data) < 2 + struct.unpack_from("!H", data)[0]:
-                chunk = tcp.recv(4096)
-                assert chunk, data
-                data += chunk
-        assert dns_a_records(data[2:], 0x4321) == ["192.0.2.7"], data
+        assert_dnsmasq_answers(server)
         assert_no_root(server, user)
         assert server.stop() == 0, server.output()
     kinds = {(b["proto"], b["port"]) for b in broker.audit("bind")}

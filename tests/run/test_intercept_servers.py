@@ -12,7 +12,6 @@ raw syscalls), waitress (Python).  A server that is not installed is skipped;
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pwd
 import shutil
@@ -22,13 +21,19 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TEST_USERS, ensure_user, netns_argv, requires_linux, requires_root
+from conftest import (
+    TEST_USERS,
+    ensure_user,
+    netns_argv,
+    requires_linux,
+    requires_root,
+    socket_in_netns,
+)
 
 from sockcreator.client._channel import CREATOR_PATH
 
@@ -37,7 +42,6 @@ pytestmark = [requires_root, requires_linux, pytest.mark.root]
 SYSTEM_PYTHON = "/usr/bin/python3"
 PAGE = "served unmodified\n"
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-CLONE_NEWNET = 0x40000000
 
 
 def need(*paths: str) -> str:
@@ -75,9 +79,6 @@ def launcher(user: str, allow: list[str], program: list[str]) -> list[str]:
     rules = [a for spec in allow for a in ("--allow", spec)]
     return [sys.executable, "-m", "sockcreator.cli", "run", "--intercept", "--user", user,
             *rules, "--", *program]  # fmt: skip
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def children(pid: int) -> set[int]:
@@ -160,22 +161,7 @@ class Server:
     ) -> socket.socket:
         """A socket in the server's network namespace (made by a thread that
         entered it: setns() changes the calling thread only)."""
-        made: list[socket.socket | BaseException] = []
-
-        def make() -> None:
-            try:
-                if _libc.setns(self.netns, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-                made.append(socket.socket(family, kind))
-            except BaseException as e:
-                made.append(e)
-
-        t = threading.Thread(target=make)
-        t.start()
-        t.join()
-        if isinstance(made[0], BaseException):
-            raise made[0]
-        return made[0]
+        return socket_in_netns(self.netns, family, kind)
 
     def connect(self, host: str, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
         """Connected once the server answers (it is still starting)."""
@@ -371,35 +357,44 @@ def dns_a_records(msg: bytes, qid: int) -> list[str]:
     return found
 
 
-def test_dnsmasq_udp_and_tcp(work: Path, user: str) -> None:
+def dnsmasq(work: Path, user: str) -> list[str]:
+    """dnsmasq on 127.0.0.1:53, answering test.example with 192.0.2.7."""
     exe = need("/usr/sbin/dnsmasq")
-    program = [exe, "-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-               "--listen-address=127.0.0.1", "--bind-interfaces", "--port=53",
-               "--address=/test.example/192.0.2.7", f"--pid-file={work}/dnsmasq.pid",
-               f"--user={user}", "--log-facility=-"]  # fmt: skip
-    with Server(work, user, ["*:127.0.0.1:53"], program) as server:
-        with server.connect("127.0.0.1", 53, socket.SOCK_DGRAM) as udp:
-            udp.settimeout(0.5)
-            deadline = time.monotonic() + 20
-            while True:  # a connected UDP socket: ECONNREFUSED until it listens
-                try:
-                    udp.send(dns_query("www.test.example", 0x1234))
-                    answer = udp.recv(4096)
-                    break
-                except OSError:
-                    assert server.proc.poll() is None, server.output()
-                    assert time.monotonic() < deadline, server.output()
-                    time.sleep(0.05)
-        assert dns_a_records(answer, 0x1234) == ["192.0.2.7"], answer
-        with server.connect("127.0.0.1", 53) as tcp:
-            query = dns_query("test.example", 0x4321)
-            tcp.sendall(struct.pack("!H", len(query)) + query)
-            data = b""
-            while len(data) < 2 or len(data) < 2 + struct.unpack_from("!H", data)[0]:
-                chunk = tcp.recv(4096)
-                assert chunk, data
-                data += chunk
-        assert dns_a_records(data[2:], 0x4321) == ["192.0.2.7"], data
+    return [exe, "-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+            "--listen-address=127.0.0.1", "--bind-interfaces", "--port=53",
+            "--address=/test.example/192.0.2.7", f"--pid-file={work}/dnsmasq.pid",
+            f"--user={user}", "--log-facility=-"]  # fmt: skip
+
+
+def assert_dnsmasq_answers(server: Server) -> None:
+    """An A query over UDP, then one over TCP, each answered 192.0.2.7."""
+    with server.connect("127.0.0.1", 53, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(0.5)
+        deadline = time.monotonic() + 20
+        while True:  # a connected UDP socket: ECONNREFUSED until it listens
+            try:
+                udp.send(dns_query("www.test.example", 0x1234))
+                answer = udp.recv(4096)
+                break
+            except OSError:
+                assert server.proc.poll() is None, server.output()
+                assert time.monotonic() < deadline, server.output()
+                time.sleep(0.05)
+    assert dns_a_records(answer, 0x1234) == ["192.0.2.7"], answer
+    with server.connect("127.0.0.1", 53) as tcp:
+        query = dns_query("test.example", 0x4321)
+        tcp.sendall(struct.pack("!H", len(query)) + query)
+        data = b""
+        while len(data) < 2 or len(data) < 2 + struct.unpack_from("!H", data)[0]:
+            chunk = tcp.recv(4096)
+            assert chunk, data
+            data += chunk
+    assert dns_a_records(data[2:], 0x4321) == ["192.0.2.7"], data
+
+
+def test_dnsmasq_udp_and_tcp(work: Path, user: str) -> None:
+    with Server(work, user, ["*:127.0.0.1:53"], dnsmasq(work, user)) as server:
+        assert_dnsmasq_answers(server)
         server.assert_unprivileged(user)
         assert server.stop() == 0, server.output()  # "exiting on receipt of SIGTERM"
     assert "denied" not in server.output(), server.output()

@@ -93,15 +93,11 @@ _ALL_OPTIONS = (
 )
 
 
-@dataclass(frozen=True)
-class Request:
-    """One validated request: 'S', or 'P' if it has options.  Build it with
-    :func:`make_request`."""
+class _Endpoint:
+    """What Request and BindRequest both derive from their type and address."""
 
-    type: socket.SocketKind  # SOCK_STREAM or SOCK_DGRAM
+    type: socket.SocketKind
     address: IPAddress
-    port: int
-    options: SocketOptions = _NO_OPTIONS
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -110,6 +106,17 @@ class Request:
     @property
     def protocol(self) -> str:
         return "tcp" if self.type == socket.SOCK_STREAM else "udp"
+
+
+@dataclass(frozen=True)
+class Request(_Endpoint):
+    """One validated request: 'S', or 'P' if it has options.  Build it with
+    :func:`make_request`."""
+
+    type: socket.SocketKind  # SOCK_STREAM or SOCK_DGRAM
+    address: IPAddress
+    port: int
+    options: SocketOptions = _NO_OPTIONS
 
     def encode(self) -> bytes:
         return self._wire
@@ -143,7 +150,7 @@ class Request:
 
 
 @dataclass(frozen=True)
-class BindRequest:
+class BindRequest(_Endpoint):
     """A 'B' request: bind the descriptor sent with it (the peer's own
     socket, ``run --intercept``).  ``type`` is the socket's, as its sender
     saw it (for policy and logs; not on the wire)."""
@@ -151,14 +158,6 @@ class BindRequest:
     type: socket.SocketKind
     address: IPAddress
     port: int
-
-    @property
-    def family(self) -> socket.AddressFamily:
-        return socket.AF_INET if self.address.version == 4 else socket.AF_INET6
-
-    @property
-    def protocol(self) -> str:
-        return "tcp" if self.type == socket.SOCK_STREAM else "udp"
 
     def encode(self) -> bytes:
         return bind_request(self.family, self.address.packed, self.port)
