@@ -284,15 +284,15 @@ def adopt(fd: int, request: Request) -> socket.socket:
         raise ProtocolViolation(f"received descriptor is not a socket: {e}") from None
     try:
         family, kind = _kernel_family(sock), _kernel_type(sock)
-        want_family, want_type, want_packed, want_port = request._expected
+        want_family, want_type, want_host, want_port = request._expected
         if family != want_family or kind != want_type:
             raise ProtocolViolation(f"asked for {request}, received {_describe(family, kind)}")
-        host, port = sock.getsockname()[:2]
-        try:  # compare bytes, not parsed objects (a scope suffix fails here, as it must)
-            packed = socket.inet_pton(family, host)
-        except OSError:
-            packed = b""
-        if packed != want_packed or (want_port and port != want_port):
+        name = sock.getsockname()
+        host, port = name[0], name[1]
+        # The kernel's address, in the text CPython makes of it (inet_ntop, and
+        # a scope suffix, which fails here as it must), against the same text
+        # of the address asked for.
+        if host != want_host or (want_port and port != want_port):
             raise ProtocolViolation(
                 f"asked for {request}, received {_describe(family, kind)} {host} {port}"
             )

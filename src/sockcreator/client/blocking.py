@@ -152,13 +152,13 @@ class SocketCreator:
             try:
                 for start in range(0, len(reqs), self.WINDOW):
                     window = reqs if len(reqs) <= self.WINDOW else reqs[start : start + self.WINDOW]
-                    for r in window:
-                        self._parser.expect(r)
-                    data = (
-                        window[0].encode()
-                        if len(window) == 1
-                        else b"".join([r.encode() for r in window])
-                    )
+                    if len(window) == 1:  # get_socket()
+                        self._parser.expect(window[0])
+                        data = window[0].encode()
+                    else:
+                        for r in window:
+                            self._parser.expect(r)
+                        data = b"".join([r.encode() for r in window])
                     try:
                         self._sock.sendall(data, SEND_FLAGS)
                     except OSError as e:
