@@ -275,7 +275,12 @@ def adopt(fd: int, request: Request) -> socket.socket:
     """Wrap a received descriptor, checking that it is what was asked for.
 
     The creator is trusted to bind, not to be right: a socket of another
-    family, type or address is a protocol violation (and is closed)."""
+    family, type or address is a protocol violation (and is closed).
+
+    Three system calls, the fewest the stdlib allows: CPython's constructor
+    always calls getsockname() on a descriptor it is given (to validate it;
+    its result is not kept), SO_TYPE for the type, and getsockname() again
+    for the address."""
     try:  # family (getsockname) and type (SO_TYPE) from the kernel; the protocol
         # is not asked (one call fewer): a wrong type is refused below anyway
         sock = socket.socket(-1, -1, _PROTO[request.type], fileno=fd)
@@ -289,9 +294,8 @@ def adopt(fd: int, request: Request) -> socket.socket:
             raise ProtocolViolation(f"asked for {request}, received {_describe(family, kind)}")
         name = sock.getsockname()
         host, port = name[0], name[1]
-        # The kernel's address, in the text CPython makes of it (inet_ntop, and
-        # a scope suffix, which fails here as it must), against the same text
-        # of the address asked for.
+        # The kernel's address as CPython writes it (inet_ntop of the bytes),
+        # against inet_ntop of the bytes asked for: equal text, equal bytes.
         if host != want_host or (want_port and port != want_port):
             raise ProtocolViolation(
                 f"asked for {request}, received {_describe(family, kind)} {host} {port}"
