@@ -520,6 +520,22 @@ def _wrong_address_socket(p: PeerIO, req: Request) -> None:
         p.send(b"\0", [s.fileno()])
 
 
+def _other_family_socket(p: PeerIO, req: Request) -> None:
+    # asked: tcp 127.0.0.1; sent: TCP on ::ffff:127.0.0.1 (the same address as
+    # text would differ; as an IPv6 socket it is another family)
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::ffff:127.0.0.1", 0))
+        p.send(b"S")
+        p.send(b"\0", [s.fileno()])
+
+
+def _unix_socket(p: PeerIO, req: Request) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        p.send(b"S")
+        p.send(b"\0", [s.fileno()])
+
+
 def _not_a_socket(p: PeerIO, req: Request) -> None:
     r, w = os.pipe()
     try:
@@ -583,9 +599,13 @@ FATAL_ANSWERS: dict[str, tuple[Callable[[PeerIO, Request], None], str | None]] =
     "F-other": (_send(b"FZ"), "Z"),
     "wrong-kind": (_other_kind_socket, None),
     "wrong-address": (_wrong_address_socket, None),
+    "unix-socket": (_unix_socket, None),
     "not-a-socket": (_not_a_socket, None),
     "silence": (_silent, None),
 }
+
+if HAS_IPV6:
+    FATAL_ANSWERS["wrong-family"] = (_other_family_socket, None)
 
 
 @pytest.mark.parametrize("case", list(FATAL_ANSWERS))

@@ -275,7 +275,12 @@ def adopt(fd: int, request: Request) -> socket.socket:
     """Wrap a received descriptor, checking that it is what was asked for.
 
     The creator is trusted to bind, not to be right: a socket of another
-    family, type or address is a protocol violation (and is closed)."""
+    family, type or address is a protocol violation (and is closed).
+
+    Three system calls, the fewest the stdlib allows: CPython's constructor
+    always calls getsockname() on a descriptor it is given (to validate it;
+    its result is not kept), SO_TYPE for the type, and getsockname() again
+    for the address."""
     try:  # family (getsockname) and type (SO_TYPE) from the kernel; the protocol
         # is not asked (one call fewer): a wrong type is refused below anyway
         sock = socket.socket(-1, -1, _PROTO[request.type], fileno=fd)
@@ -284,15 +289,14 @@ def adopt(fd: int, request: Request) -> socket.socket:
         raise ProtocolViolation(f"received descriptor is not a socket: {e}") from None
     try:
         family, kind = _kernel_family(sock), _kernel_type(sock)
-        want_family, want_type, want_packed, want_port = request._expected
+        want_family, want_type, want_host, want_port = request._expected
         if family != want_family or kind != want_type:
             raise ProtocolViolation(f"asked for {request}, received {_describe(family, kind)}")
-        host, port = sock.getsockname()[:2]
-        try:  # compare bytes, not parsed objects (a scope suffix fails here, as it must)
-            packed = socket.inet_pton(family, host)
-        except OSError:
-            packed = b""
-        if packed != want_packed or (want_port and port != want_port):
+        name = sock.getsockname()
+        host, port = name[0], name[1]
+        # The kernel's address as CPython writes it (inet_ntop of the bytes),
+        # against inet_ntop of the bytes asked for: equal text, equal bytes.
+        if host != want_host or (want_port and port != want_port):
             raise ProtocolViolation(
                 f"asked for {request}, received {_describe(family, kind)} {host} {port}"
             )

@@ -122,10 +122,11 @@ class Request(_Endpoint):
         return self._wire
 
     @functools.cached_property
-    def _expected(self) -> tuple[int, int, bytes, int]:
-        """(family, type, packed address, port) as plain ints and bytes, made
-        once: what a received socket is checked against."""
-        return int(self.family), int(self.type), self.address.packed, self.port
+    def _expected(self) -> tuple[int, int, str, int]:
+        """(family, type, address as inet_ntop writes it, port), made once:
+        what a received socket is checked against."""
+        host = socket.inet_ntop(self.family, self.address.packed)
+        return int(self.family), int(self.type), host, self.port
 
     @functools.cached_property
     def _wire(self) -> bytes:

@@ -150,15 +150,16 @@ class SocketCreator:
         with self._lock:
             self._check_alive()
             try:
-                for start in range(0, len(reqs), self.WINDOW):
-                    window = reqs if len(reqs) <= self.WINDOW else reqs[start : start + self.WINDOW]
-                    for r in window:
-                        self._parser.expect(r)
-                    data = (
-                        window[0].encode()
-                        if len(window) == 1
-                        else b"".join([r.encode() for r in window])
-                    )
+                n, parser = len(reqs), self._parser
+                for start in range(0, n, self.WINDOW):
+                    window = reqs if n <= self.WINDOW else reqs[start : start + self.WINDOW]
+                    if len(window) == 1:  # get_socket()
+                        parser.expect(window[0])
+                        data = window[0].encode()
+                    else:
+                        for r in window:
+                            parser.expect(r)
+                        data = b"".join([r.encode() for r in window])
                     try:
                         self._sock.sendall(data, SEND_FLAGS)
                     except OSError as e:
@@ -178,8 +179,11 @@ class SocketCreator:
 
     def _collect(self, got: list[socket.socket], failures: list[OSError]) -> None:
         """Read answers until none is pending: sockets into ``got``, 'E's into ``failures``."""
-        while self._parser.pending:
+        parser = self._parser
+        while parser.pending:
             events = self._read_events()
+            if not events:  # the 'S' of an answer, say: its descriptor comes next
+                continue
             for i, ev in enumerate(events):
                 if isinstance(ev, SocketReceived):
                     try:
