@@ -73,7 +73,6 @@ _IGNORED = (
     signal.SIGTERM,
     signal.SIGUSR1,
     signal.SIGUSR2,
-    signal.SIGPIPE,
     signal.SIGTSTP,
     signal.SIGTTIN,
     signal.SIGTTOU,
@@ -167,7 +166,7 @@ def _factory(
         return 1
     if os.getppid() != broker:
         return 0  # the broker is gone already
-    for sig in _IGNORED:
+    for sig in (*_IGNORED, signal.SIGPIPE):  # (SIGPIPE: Popen resets it in a child)
         signal.signal(sig, signal.SIG_IGN)
     _place_descriptors(link_fd, policy_dir)
     try:
@@ -237,7 +236,8 @@ def _serve_one(
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
     except (OSError, ValueError, LookupError, RuntimeError) as e:
-        text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        where = os.path.abspath(policy_path)
+        text = f"{where}: {e.strerror}" if isinstance(e, OSError) and e.strerror else str(e)
         message = text.encode("utf-8", "replace")[:MAX_PAYLOAD]
         return _HEADER.pack(b"E", 0, len(message)) + message, None
     live[proc.pid] = proc
@@ -356,11 +356,15 @@ class Factory:
             if allow is None or (
                 isinstance(allow, list) and allow and all(isinstance(s, str) for s in allow)
             ):
-                sock = socket.socket(fileno=fds[0])
-                if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
-                    return Spawned(sock, pid, allow)
-                sock.close()
-                fds = []
+                try:
+                    sock = socket.socket(fileno=fds[0])
+                except OSError:  # not a socket
+                    sock = None
+                if sock is not None:
+                    if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+                        return Spawned(sock, pid, allow)
+                    sock.close()
+                    fds = []
         for fd in fds:
             os.close(fd)
         self._lost("it sent a malformed answer")
