@@ -46,7 +46,7 @@ import grp
 import os
 import pwd
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "drop_to",
     "make_non_dumpable",
     "resolve_credentials",
+    "shed_capabilities",
 ]
 
 
@@ -181,6 +182,14 @@ class _Libc:
             e = c.get_errno()
             raise OSError(e, f"capset: {os.strerror(e)}")
 
+    def clear_all(self) -> None:
+        """capset: empty effective, permitted and inheritable sets."""
+        c = self._ctypes
+        header = (c.c_uint32 * 2)(self._LINUX_CAPABILITY_VERSION_3, 0)
+        if self._libc.capset(header, (c.c_uint32 * 6)()) != 0:
+            e = c.get_errno()
+            raise OSError(e, f"capset: {os.strerror(e)}")
+
 
 def make_non_dumpable() -> None:
     """Linux: ``PR_SET_DUMPABLE`` 0, checked: no core dumps, and processes of
@@ -192,6 +201,41 @@ def make_non_dumpable() -> None:
     libc.prctl(libc.PR_SET_DUMPABLE, 0, 0, 0, 0)
     if libc.prctl(libc.PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise PermissionError("PR_SET_DUMPABLE 0 did not take")
+
+
+def shed_capabilities(bounding: Iterable[int]) -> None:
+    """Linux, as root, staying uid 0: the bounding set cut down to
+    ``bounding`` (capability numbers), and the ambient, inheritable,
+    permitted and effective sets emptied; verified from /proc, or
+    PermissionError.  What is left is uid 0 with no capability: it still owns
+    root's files (no DAC override), and a program it execs gets the bounding
+    set back as its capabilities (root's exec rule), nothing more.  A
+    narrower root, not an unprivileged one: for a process that must start
+    privileged programs and do little else (the broker's creator factory)."""
+    if not sys.platform.startswith("linux"):
+        return
+    keep = set(bounding)
+    libc = _Libc()
+    for cap in range(64):
+        try:
+            present = libc.prctl(libc.PR_CAPBSET_READ, cap)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                break
+            raise
+        if present and cap not in keep:
+            libc.prctl(libc.PR_CAPBSET_DROP, cap)
+    try:
+        libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    libc.clear_all()
+    sets = _capability_sets()
+    want = sum(1 << cap for cap in keep)
+    left = {k: v for k, v in sets.items() if k != "CapBnd" and v}
+    if not sets or left or sets.get("CapBnd", 0) & ~want:
+        raise PermissionError(f"capabilities remain after shedding them: {sets}")
 
 
 def _drop_capabilities(bounding: bool) -> None:

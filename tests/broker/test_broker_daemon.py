@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import select
 import shutil
 import signal
@@ -40,9 +41,11 @@ from test_broker import (
     workdir,
 )
 
+import sockcreator
 from sockcreator.broker.client import Broker, SocketRefusedError
 
 pytestmark = [requires_root, requires_linux, pytest.mark.root]
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 __all__ = ["clients", "workdir"]  # fixtures, used by name
 
 # alice: always allowed (the looping client); bob: allowed, then removed;
@@ -85,18 +88,26 @@ class Served:
         netns: bool = True,
         extra: tuple[str, ...] = (),
         wait: bool = True,
+        as_user: str | None = None,
+        python: str = sys.executable,
     ) -> None:
         self.dir = directory
         self.path = str(directory / "broker.sock")
         self.policy = directory / "policy.toml"
         self.policy.write_text(policy)
         self.log = directory / "broker.log"
-        argv = [sys.executable, "-m", "sockcreator.cli", "serve"]
+        argv = [python, "-m", "sockcreator.cli", "serve"]
         if socket_arg:
             argv += ["--socket", self.path]
-        argv += ["--policy", str(self.policy), "--user", BROKER_USER]
-        argv += ["--creator-user", CREATOR_USER, *extra]
-        argv = (wrap or []) + argv
+        argv += ["--policy", str(self.policy)]
+        if as_user is None:  # as root, dropping to BROKER_USER
+            argv += ["--user", BROKER_USER, "--creator-user", CREATOR_USER]
+        else:  # started unprivileged, in a directory of its own
+            pw = pwd.getpwnam(as_user)
+            os.chown(directory, pw.pw_uid, pw.pw_gid)
+            ids = [f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups"]
+            wrap = [SETPRIV, *ids, *(wrap or [])]
+        argv = (wrap or []) + [*argv, *extra]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 netns_argv(argv) if netns else argv,
@@ -243,9 +254,27 @@ def test_reload_applies_to_live_connections_and_keeps_grants(
     assert ok > 0 and errors == {}, (ok, errors)
 
 
-def pwd_uid(user: str) -> int:
-    import pwd
+def _interpreter_for(user: str) -> str:
+    """An interpreter ``user`` can run again by its path (as an unprivileged
+    broker does to start its creator) and that can import the package from
+    its source (PYTHONPATH): this one, or the system's; else skip."""
+    pw = pwd.getpwnam(user)
+    ids = [f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups"]
+    src = str(Path(sockcreator.__file__).resolve().parent.parent)
+    again = "import os, sys, sockcreator; os.execv(sys.executable, [sys.executable, '-c', ''])"
+    for python in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
+        run = subprocess.run(
+            [SETPRIV, *ids, python, "-c", again],
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": src},
+            cwd="/",
+        )
+        if run.returncode == 0:
+            return python
+    pytest.skip(f"{user} can run no interpreter that imports sockcreator from {src}")
 
+
+def pwd_uid(user: str) -> int:
     return pwd.getpwnam(user).pw_uid
 
 
@@ -285,13 +314,18 @@ def test_reload_of_a_broken_file_keeps_the_old_policy(
     assert ok > 0 and errors == {}, (ok, errors)
 
 
-def test_reload_beyond_the_creators_allow_list_is_refused(
+def test_reload_beyond_the_creators_allow_list_is_refused_without_root(
     serve: Callable[..., Served], clients: Callable[[str, str], UserClient]
 ) -> None:
-    """The creator's allow-list is fixed at start (the broker has no root to
-    start another): a policy that needs more is refused as a whole, and says
-    so; a narrower one then applies (the creator keeps its wider fence)."""
-    b = serve(FIRST)
+    """A broker started unprivileged has no creator factory (nothing can
+    start a creator it could not start itself): a policy that needs more
+    than its creator's allow-list is refused as a whole, and says so; a
+    narrower one then applies (the creator keeps its wider fence).  (As
+    root, a widening starts a new creator: test_broker_widen.py.)"""
+    python = _interpreter_for(BROKER_USER)
+    src = str(Path(sockcreator.__file__).resolve().parent.parent)
+    b = serve(FIRST, as_user=BROKER_USER, python=python, env={"PYTHONPATH": src})
+    assert b.audit("start")[0]["factory_pid"] is None
     looper = Looper(ALICE, b.path)
     bob = clients(BOB, b.path)
     record = b.reload(WIDER)

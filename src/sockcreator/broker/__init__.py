@@ -5,7 +5,8 @@ unprivileged programs (see docs/broker.md).
 - :mod:`._server`: connections, requests and answers on one event loop;
 - :mod:`._table`: the sharing rules and the bookkeeping (pure state);
 - :mod:`._protocol`: the wire protocol, with no I/O;
-- :mod:`._creator`: the link to the broker's creator;
+- :mod:`._creator`: the link to the broker's creator; :mod:`._factory`: the
+  root process that starts a new one for a widening reload;
 - :mod:`._audit`: the audit log; :mod:`._path`: the socket file;
 - :mod:`.policy`: the policy file;
 - :mod:`._notify`: the service manager's notifications (``sd_notify``);

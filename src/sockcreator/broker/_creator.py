@@ -378,3 +378,25 @@ class CreatorChannel:
                 killed, deadline = True, loop.time() + self._timeout
             await asyncio.sleep(0.005)
         return status
+
+
+class AdoptedCreatorChannel(CreatorChannel):
+    """A channel to a creator that another process started (the creator
+    factory, at a widening reload: see :mod:`._factory`): made from the
+    broker's end of its socketpair and its pid.  It is not our child: we
+    cannot signal it (it runs as ``--creator-user``) nor reap it (its
+    parent does); closing the channel, or 'T', is what ends it."""
+
+    def __init__(self, sock: socket.socket, pid: int, timeout: float = 10.0) -> None:
+        super().__init__([], timeout)
+        self._adopted_pid = pid
+        self._sock = sock
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    @property
+    def pid(self) -> int | None:
+        return self._adopted_pid
+
+    def start(self) -> None:
+        raise RuntimeError("an adopted creator is started already")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import grp
 import os
@@ -20,7 +21,8 @@ from ..client._errors import CreatorFatalError
 from ..client._protocol import Request, make_request
 from . import _notify
 from ._audit import describe
-from ._creator import CreatorChannel, Outcome
+from ._creator import AdoptedCreatorChannel, CreatorChannel, Outcome
+from ._factory import Factory, FactoryError
 from ._server import BrokerServer
 from .policy import Policy, PolicyError, changes, outside, parse_policy
 
@@ -58,11 +60,19 @@ class Daemon:
         policy: Policy,
         allow: list[str] | None,
         notifier: _notify.Notifier,
+        factory: Factory | None = None,
     ) -> None:
         self.policy_path, self.server, self.policy, self.allow = policy_path, server, policy, allow
         self.policy_dir = policy_dir
         self.notifier = notifier
         self.ready = False
+        #: starts creators for widening reloads (None: not root at start)
+        self.factory = factory
+        #: what the creator in service calls when it dies (serve: stop)
+        self.on_creator_fatal: Callable[[CreatorFatalError], None] | None = None
+        self._reloading: asyncio.Task[None] | None = None  # a widening reload under way
+        self._again = False  # a SIGHUP came during it
+        self._retiring: set[asyncio.Task[None]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._last_status = ""
 
@@ -139,6 +149,9 @@ class Daemon:
 
     def reload(self) -> None:
         """SIGHUP: the policy file again (see docs/broker.md, "Reloading")."""
+        if self._reloading is not None:  # one at a time: this one comes next
+            self._again = True
+            return
         self._notify(_notify.reloading())
         path = self.policy_path
         record: dict[str, Any] = {"policy": os.path.abspath(path)}
@@ -153,6 +166,10 @@ class Daemon:
             added, removed = changes(self.policy, new)
             record.update(rules=len(new.rules), added=added, removed=removed)
             beyond = outside(self.allow, new.creator_allow())
+            if beyond and self.factory is not None:
+                record.update(outside=beyond)
+                self._reloading = self.server.loop.create_task(self._widen(new, record))
+                return
             if beyond:
                 record.update(
                     result="refused",
@@ -164,9 +181,102 @@ class Daemon:
                 self.server.set_policy(new)
                 self.policy = new
                 record.update(result="ok")
+        self._reloaded(record)
+
+    def _reloaded(self, record: dict[str, Any]) -> None:
         self.server.audit.log("reload", **record)
         self.server.audit.flush()
         self._notify(_notify.ready(self.status_text()))
+        if self._again:
+            self._again = False
+            self.server.loop.call_soon(self.reload)
+
+    async def _widen(self, new: Policy, record: dict[str, Any]) -> None:
+        """A policy beyond the creator's fence: a new creator from the
+        factory, probed, then switched to; the old one is retired."""
+        assert self.factory is not None
+        channel: CreatorChannel | None = None
+        try:
+            try:
+                spawned = await self.factory.spawn()
+            except FactoryError as e:
+                problem: str | None = f"no new creator: {e}"
+            else:
+                channel = AdoptedCreatorChannel(spawned.sock, spawned.pid)
+                channel.on_fatal = lambda e: None  # (its waiters hear it; we are one)
+                # The factory read the file itself: it must allow what we read.
+                if outside(spawned.allow, new.creator_allow()):
+                    problem = "the policy file changed during the reload: send SIGHUP again"
+                else:
+                    problem = await self._probe_new(channel, spawned.allow)
+            if problem is not None:
+                record.update(result="error", error=f"{problem} (the old policy stays)")
+            else:
+                assert channel is not None
+                old = self.server.use_creator(channel)
+                channel.on_fatal = self.on_creator_fatal
+                self.server.set_policy(new)
+                self.policy, self.allow = new, spawned.allow
+                record.update(
+                    result="ok", creator={"from": old.pid, "to": channel.pid}, allow=spawned.allow
+                )
+                channel = old  # the one to retire now
+        finally:
+            self._reloading = None
+            if channel is not None:  # the old one, or a new one not switched to
+                self.retire(channel)
+        self._reloaded(record)
+
+    async def _probe_new(self, channel: CreatorChannel, allow: list[str] | None) -> str | None:
+        """As at start: any answer proves the new creator hardened."""
+        answer: asyncio.Future[Outcome] = self.server.loop.create_future()
+
+        def answered(outcome: Outcome) -> None:
+            if not answer.done():
+                answer.set_result(outcome)
+            elif isinstance(outcome, socket.socket):
+                outcome.close()
+
+        channel.request(_probe(allow), answered)
+        outcome = await answer
+        if isinstance(outcome, socket.socket):
+            outcome.close()
+        elif isinstance(outcome, CreatorFatalError):
+            return f"the new creator failed its first request: {outcome}"
+        return None
+
+    def retire(self, channel: CreatorChannel) -> None:
+        """'T' to ``channel`` after what it has in flight, in the background;
+        its death on the way stops nothing (one audit line)."""
+        pid = channel.pid
+
+        def died(e: CreatorFatalError) -> None:
+            self.server.audit.log("error", what="retiring creator", pid=pid, error=str(e))
+
+        async def retiring() -> None:
+            status = await channel.terminate()
+            self.server.audit.log("retire", what="creator", pid=pid, status=status)
+
+        channel.on_fatal = died
+        channel.auto_push = True
+        task = self.server.loop.create_task(retiring())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def close(self) -> None:
+        """At the stop: a widening under way is abandoned; the creator in
+        service and any retiring one get 'T'; the factory gets EOF."""
+        if self._reloading is not None:
+            self._reloading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloading
+        creator = self.server.creator
+        creator.on_fatal = None
+        await creator.terminate()
+        while self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        if self.factory is not None:
+            await self.factory.close()
 
 
 _MAX_POLICY = 1 << 20  # bytes read of a policy file at a reload

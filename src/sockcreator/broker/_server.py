@@ -302,6 +302,14 @@ class BrokerServer:
             conn.policy = policy.for_peer(conn.peer.uid, conn.peer.groups)
             conn.allowed.clear()
 
+    def use_creator(self, creator: CreatorChannel) -> CreatorChannel:
+        """Send every later request to ``creator`` (a widening reload's new
+        one); the old one, returned, still answers what it has in flight
+        (its callbacks are the requests' own) and is the caller's to retire."""
+        old, self.creator = self.creator, creator
+        creator.auto_push = False  # pushed by _flush, as the first one
+        return old
+
     def counts(self) -> tuple[int, int, int]:
         """(connections, sockets held, grants): for STATUS= and the audit."""
         sockets = sum(1 for e in self.table.entries.values() if e.sock is not None)

@@ -62,7 +62,9 @@ Every grant, denial and release is one JSON line on stderr (the audit log),
 written before its answer is sent.
 
 SIGHUP reloads the policy; sd_notify; a socket passed by the starter
-(LISTEN_FDS): :mod:`._daemon` (docs/broker.md, "Reloading the policy").
+(LISTEN_FDS): :mod:`._daemon` (docs/broker.md, "Reloading the policy").  As
+root, before the drop, serve forks the creator factory (:mod:`._factory`),
+which starts a new creator for a reload that needs a wider allow-list.
 
 The pieces are listed in :mod:`sockcreator.broker`; this module is the command line.
 
@@ -92,6 +94,7 @@ from ..privileges import drop_privileges, resolve_credentials
 from . import _notify
 from ._creator import CreatorChannel
 from ._daemon import Daemon, take_environment
+from ._factory import Factory, start_factory
 from ._path import SocketFile, SocketPathError, bind_unix_socket, create_socket_file
 from ._server import BrokerConfig, BrokerServer, Peer, peer_credentials
 from ._table import shareable
@@ -258,12 +261,14 @@ async def _run(
 ) -> int:
     root = os.geteuid() == 0
     notifier: _notify.Notifier = args.notifier
+    factory: Factory | None = args.factory
+    daemon: Daemon | None = None
     try:
         creator = CreatorChannel(
             creator_argv(allow=allow, user=args.creator_user if root else None)
         )
         creator.start()
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:  # (the factory exits with us)
         return _fail(EXIT_CREATOR, f"cannot start the creator: {e}")
     try:
         socket_file: SocketFile | None = None
@@ -282,14 +287,7 @@ async def _run(
         with contextlib.ExitStack() as stack:
             # closes the socket (and the directory's descriptor) at the end
             stack.enter_context(socket_file or contextlib.closing(listener))
-            # (for reloads: the policy's directory may be closed to --user)
-            try:
-                policy_dir = os.open(
-                    os.path.dirname(os.path.abspath(args.policy)),
-                    os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
-                )
-            except OSError as e:
-                return _fail(EXIT_CONFIG, f"policy {args.policy}: its directory: {e.strerror}")
+            policy_dir = args.policy_dir  # (opened in _main, as root)
             stack.callback(os.close, policy_dir)
             if root:
                 try:
@@ -300,13 +298,20 @@ async def _run(
                 except (OSError, ValueError, LookupError) as e:
                     return _fail(EXIT_PRIVILEGES, f"cannot drop privileges: {e}")
             server = BrokerServer(config, creator, listener)
-            daemon = Daemon(args.policy, policy_dir, server, config.policy, allow, notifier)
+            daemon = Daemon(
+                args.policy, policy_dir, server, config.policy, allow, notifier, factory
+            )
 
             def creator_died(e: CreatorFatalError) -> None:
                 server.audit.log("fatal", what="creator", error=str(e))
+                assert daemon is not None
                 daemon.stop(EXIT_CREATOR_DIED)
 
-            creator.on_fatal = creator_died
+            creator.on_fatal = daemon.on_creator_fatal = creator_died
+            if factory is not None:
+                factory.attach(
+                    lambda reason: server.audit.log("error", what="factory", error=reason)
+                )
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, daemon.stop, EXIT_OK)
@@ -315,6 +320,7 @@ async def _run(
                 "start",
                 pid=os.getpid(),
                 creator_pid=creator.pid,
+                factory_pid=factory.pid if factory is not None else None,
                 socket=where,
                 inherited=args.inherited is not None,
                 notify=notifier.address or None,
@@ -332,8 +338,10 @@ async def _run(
                 # nothing; needs write access to it, which went with root: may fail.
                 socket_file.unlink_if_ours()
             return status
-    finally:
-        await creator.terminate()
+    finally:  # the creator in service, any retiring one, the factory
+        await (daemon.close() if daemon is not None else creator.terminate())
+        if factory is not None:
+            await factory.close()  # (again, if the daemon did: a no-op)
         notifier.close()
 
 
@@ -426,6 +434,18 @@ def _main(args: argparse.Namespace, root: bool) -> int:
             args.relay_ready = fork_relay(resolve_credentials(args.user), _PROG)
         except OSError as e:
             return _fail(EXIT_PRIVILEGES, str(e))
+    try:  # (for reloads: the policy's directory may be closed to --user)
+        where = os.path.dirname(os.path.abspath(args.policy))
+        args.policy_dir = os.open(where, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        return _fail(EXIT_CONFIG, f"policy {args.policy}: its directory: {e.strerror}")
+    args.factory = None
+    if root:  # before the drop, and before the event loop: see ._factory
+        try:
+            args.factory = start_factory(args.policy, args.policy_dir, args.creator_user)
+        except OSError as e:
+            os.close(args.policy_dir)
+            return _fail(EXIT_CREATOR, f"cannot start the creator factory: {e}")
     return run(_run(args, config, policy.creator_allow(), loop_name))
 
 
