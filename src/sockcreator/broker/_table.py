@@ -63,14 +63,18 @@ def coverage(request: Request) -> Coverage:
     """Which addresses a socket bound as ``request`` asks takes traffic for
     (as Linux decides it: V6ONLY is on unless DUALSTACK is asked, and with
     it off only ``::`` and mapped addresses take IPv4)."""
-    packed = request.address.packed
+    return _coverage(request.address.packed, request.options)
+
+
+def _coverage(packed: bytes, options: int) -> Coverage:
+    """:func:`coverage` from the packed address (an entry's key has it)."""
     if len(packed) == 4:
         return (packed if any(packed) else b"", None)
     if packed[:12] == _MAPPED:  # IPv4 traffic for a.b.c.d (or any, for ::ffff:0.0.0.0)
         v4 = packed[12:]
         return (v4 if any(v4) else b"", None)
     if not any(packed):
-        dual = request.options & SocketOptions.DUALSTACK
+        dual = options & SocketOptions.DUALSTACK
         return (b"" if dual else None, b"")
     return (None, packed)
 
@@ -129,7 +133,12 @@ class Holders:
             self.no += delta
         elif mode is _SAMEAPP:
             _count(self.sameapp, key, delta)
-        _count(self.keys, key, delta)
+        keys = self.keys  # (_count inlined: twice per grant and release)
+        n = keys.get(key, 0) + delta
+        if n:
+            keys[key] = n
+        else:
+            del keys[key]
 
     def admit(self, mode: ShareMode, key: tuple[str, int]) -> bool:
         """The same answer as :func:`shareable` over the holders."""
@@ -154,7 +163,7 @@ class Entry:
     def __init__(self, key: Key, request: Request, backlog: int | None) -> None:
         self.key = key
         self.request = request
-        self.cover = coverage(request)
+        self.cover = _coverage(key[1], request.options)  # (the key has the packed address)
         self.backlog = backlog
         self.sock: Any = None
         self.grants: dict[int, Grant] = {}
