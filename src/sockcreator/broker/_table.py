@@ -142,13 +142,15 @@ class Holders:
 
     def admit(self, mode: ShareMode, key: tuple[str, int]) -> bool:
         """The same answer as :func:`shareable` over the holders."""
-        if not self.keys:
+        keys = self.keys
+        if not keys:
             return True
-        if self.no or not self.sameapp.keys() <= {key}:
+        sameapp = self.sameapp
+        if self.no or (sameapp and (len(sameapp) > 1 or key not in sameapp)):
             return False  # a holder's mode refuses the requester
         if mode is _ANY:
             return True
-        return mode is _SAMEAPP and self.keys.keys() == {key}
+        return mode is _SAMEAPP and len(keys) == 1 and key in keys
 
 
 class Entry:
@@ -230,13 +232,15 @@ class ShareTable:
         port = request.port
         if key is None:
             key = entry_key(request)
+        who = (name, uid)
         entry = self.entries.get(key) if port else None
         if entry is not None:
             if entry.request.options != request.options or entry.backlog != backlog:
                 return Reason.OPTIONS
-            if entry.phantom == (share, name, uid):  # its last holder's successor
+            phantom = entry.phantom
+            if phantom is not None and phantom == (share, name, uid):  # its last holder's successor
                 self._unghost(entry)
-            if not entry.holders.admit(share, (name, uid)):
+            if not entry.holders.admit(share, who):
                 return Reason.SHARE
             if entry.phantom is not None:  # someone its last holder would share with
                 self._unghost(entry)
@@ -248,7 +252,7 @@ class ShareTable:
                     if (
                         other is not entry
                         and overlaps(other.cover, cover)
-                        and not other.holders.admit(share, (name, uid))
+                        and not other.holders.admit(share, who)
                     ):
                         return Reason.SHARE
         if entry is not None:
