@@ -68,7 +68,10 @@ class Audit:
     def event(self, event: str, body: str) -> None:
         """A line from fragments: ``body`` is the JSON object's fields after
         ``ts`` and ``event`` (their text, comma-separated, no braces)."""
-        self.add(f'{{"ts":{time.time():.3f},"event":"{event}",{body}}}')  # (3x round()'s speed)
+        lines = self._lines  # (add() inlined: twice per grant and release)
+        if not lines and self.on_pending is not None:
+            self.on_pending()
+        lines.append(f'{{"ts":{time.time():.3f},"event":"{event}",{body}}}')  # (3x round()'s)
 
     def add(self, line: str) -> None:
         if not self._lines and self.on_pending is not None:

@@ -410,19 +410,22 @@ class _Connection:
         (and the answers-unread deadline).  ``resume``: once all is sent,
         go on with the queued frames."""
         server = self.server
-        if server.audit.pending:  # every answer's line is written before it is sent
-            server.audit.flush()
+        server.audit.flush()  # every answer's line is written before it is sent
         out, sock = self.out, self.sock
         while out:
             data, made = out[0]
             if made is not None and not server.room_for(self):
                 return self._hold_back()
-            if len(out) > 1 and out[1][1] is None:
+            frames = len(out)
+            if frames > 1 and out[1][1] is None:
                 parts, k = [data], 1
-                while k < len(out) and out[k][1] is None:
+                while k < frames and out[k][1] is None:
                     parts.append(out[k][0])
                     k += 1
                 data = b"".join(parts)
+                frames = k
+            else:
+                frames = 1
             try:
                 n = sock.sendmsg([data], made.anc) if made is not None else sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -436,6 +439,11 @@ class _Connection:
                 server.charge(self)
                 server.sent(made)  # the descriptor went with the first byte
                 out[0] = (out[0][0], None)
+            if n == len(data):  # all of it: the frames joined in it are gone
+                for _ in range(frames):
+                    out.popleft()
+                self.partial = False
+                continue
             while n:
                 head = out[0][0]
                 if n < len(head):
@@ -445,13 +453,14 @@ class _Connection:
                 out.popleft()
                 n -= len(head)
                 self.partial = False
-            if n < len(data) and out:  # the client is not taking it: wait until it does
-                self._block()
-                if not self.watching:
-                    self.watching = True
-                    server.loop.add_writer(self.fd, self._writable)
-                return
-        self._stop_writing()
+            # the client is not taking it: wait until it does
+            self._block()
+            if not self.watching:
+                self.watching = True
+                server.loop.add_writer(self.fd, self._writable)
+            return
+        if self.writing:
+            self._stop_writing()
         if resume:
             if self.status is not None:
                 self._pump_status()

@@ -261,10 +261,11 @@ class BrokerServer:
                     conn.finish()
 
     def room_for(self, conn: _Connection) -> bool:
-        """Whether one more descriptor may go to ``conn`` now."""
+        """Whether one more descriptor may go to ``conn`` now.  The kernel is
+        asked (SIOCOUTQ) only once a count is at its limit: until then an
+        upper bound is as good as the exact figure, and asking on every
+        grant cost a system call per grant."""
         cfg = self.config
-        if conn.inflight and not _unread(conn.fd):
-            self.settle(conn)
         uid = conn.peer.uid
         if self.inflight_by_uid.get(uid, 0) >= cfg.max_inflight_per_uid:
             self.recount(list(self.owing.get(uid, ())))

@@ -63,14 +63,18 @@ def coverage(request: Request) -> Coverage:
     """Which addresses a socket bound as ``request`` asks takes traffic for
     (as Linux decides it: V6ONLY is on unless DUALSTACK is asked, and with
     it off only ``::`` and mapped addresses take IPv4)."""
-    packed = request.address.packed
+    return _coverage(request.address.packed, request.options)
+
+
+def _coverage(packed: bytes, options: int) -> Coverage:
+    """:func:`coverage` from the packed address (an entry's key has it)."""
     if len(packed) == 4:
         return (packed if any(packed) else b"", None)
     if packed[:12] == _MAPPED:  # IPv4 traffic for a.b.c.d (or any, for ::ffff:0.0.0.0)
         v4 = packed[12:]
         return (v4 if any(v4) else b"", None)
     if not any(packed):
-        dual = request.options & SocketOptions.DUALSTACK
+        dual = options & SocketOptions.DUALSTACK
         return (b"" if dual else None, b"")
     return (None, packed)
 
@@ -129,17 +133,24 @@ class Holders:
             self.no += delta
         elif mode is _SAMEAPP:
             _count(self.sameapp, key, delta)
-        _count(self.keys, key, delta)
+        keys = self.keys  # (_count inlined: twice per grant and release)
+        n = keys.get(key, 0) + delta
+        if n:
+            keys[key] = n
+        else:
+            del keys[key]
 
     def admit(self, mode: ShareMode, key: tuple[str, int]) -> bool:
         """The same answer as :func:`shareable` over the holders."""
-        if not self.keys:
+        keys = self.keys
+        if not keys:
             return True
-        if self.no or not self.sameapp.keys() <= {key}:
+        sameapp = self.sameapp
+        if self.no or (sameapp and (len(sameapp) > 1 or key not in sameapp)):
             return False  # a holder's mode refuses the requester
         if mode is _ANY:
             return True
-        return mode is _SAMEAPP and self.keys.keys() == {key}
+        return mode is _SAMEAPP and len(keys) == 1 and key in keys
 
 
 class Entry:
@@ -154,7 +165,7 @@ class Entry:
     def __init__(self, key: Key, request: Request, backlog: int | None) -> None:
         self.key = key
         self.request = request
-        self.cover = coverage(request)
+        self.cover = _coverage(key[1], request.options)  # (the key has the packed address)
         self.backlog = backlog
         self.sock: Any = None
         self.grants: dict[int, Grant] = {}
@@ -224,13 +235,15 @@ class ShareTable:
         port = request.port
         if key is None:
             key = entry_key(request)
+        who = (name, uid)
         entry = self.entries.get(key) if port else None
         if entry is not None:
             if entry.request.options != request.options or entry.backlog != backlog:
                 return Reason.OPTIONS
-            if entry.phantom == (share, name, uid):  # its last holder's successor
+            phantom = entry.phantom
+            if phantom is not None and phantom == (share, name, uid):  # its last holder's successor
                 self._unghost(entry)
-            if not entry.holders.admit(share, (name, uid)):
+            if not entry.holders.admit(share, who):
                 return Reason.SHARE
             if entry.phantom is not None:  # someone its last holder would share with
                 self._unghost(entry)
@@ -242,7 +255,7 @@ class ShareTable:
                     if (
                         other is not entry
                         and overlaps(other.cover, cover)
-                        and not other.holders.admit(share, (name, uid))
+                        and not other.holders.admit(share, who)
                     ):
                         return Reason.SHARE
         if entry is not None:
