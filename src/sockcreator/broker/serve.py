@@ -72,6 +72,9 @@ Exit statuses: 0 stopped by SIGTERM/SIGINT; 1 the creator died; 3 bad
 configuration (policy, user, group, limits, NOTIFY_SOCKET); 4 the socket
 path (or the passed socket) cannot be used; 5 the creator cannot be
 started; 6 privileges cannot be dropped.
+
+Size: the command line and the start-up order (creator, factory, socket,
+drop, daemon), which an auditor reads as one sequence.
 """
 
 from __future__ import annotations
