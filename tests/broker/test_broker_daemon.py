@@ -426,6 +426,10 @@ def test_notify_ready_reloading_stopping(
 
     with Broker(b.path, timeout=10) as c:
         s = c.request_socket("udp", "127.0.0.1", 8001)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:  # ('B': counted)
+            c.bind_socket(own, "127.0.0.1", 8002)
+            with pytest.raises(SocketRefusedError):
+                c.bind_socket(own, "127.0.0.1", 7999)
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         b.proc.send_signal(signal.SIGHUP)
         fields = notify.expect("RELOADING")
@@ -433,7 +437,7 @@ def test_notify_ready_reloading_stopping(
         assert fields["RELOADING"] == "1"
         assert before <= int(fields["MONOTONIC_USEC"]) <= after
         fields = notify.expect("READY")
-        assert fields["STATUS"] == "1 connections, 1 sockets, 1 grants"
+        assert fields["STATUS"] == "1 connections, 1 sockets, 1 grants, 1 binds (1 refused)"
         assert notify.last_pid == b.pid
         c.release_socket(s)
     b.proc.send_signal(signal.SIGTERM)

@@ -78,7 +78,9 @@ class Daemon:
 
     def status_text(self) -> str:
         c, s, g = self.server.counts()
-        return f"{c} connections, {s} sockets, {g} grants"
+        bound, refused = self.server.binds
+        text = f"{c} connections, {s} sockets, {g} grants"
+        return text + (f", {bound} binds ({refused} refused)" if bound or refused else "")
 
     def _notify(self, message: bytes) -> None:
         if self.notifier.enabled and not self.notifier.send(message) and self.notifier.error:
