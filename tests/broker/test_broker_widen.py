@@ -268,12 +268,16 @@ def _broker_link(broker: int) -> socket.socket:
     """The broker's end of its link to the factory: its one SEQPACKET socket."""
     found = []
     for name in os.listdir(f"/proc/{broker}/fd"):
-        if os.readlink(f"/proc/{broker}/fd/{name}").startswith("socket:"):
+        try:  # (a client's socket may come and go meanwhile)
+            if not os.readlink(f"/proc/{broker}/fd/{name}").startswith("socket:"):
+                continue
             s = socket.socket(fileno=_pidfd_getfd(broker, int(name)))
-            if s.family == socket.AF_UNIX and s.type == socket.SOCK_SEQPACKET:
-                found.append(s)
-            else:
-                s.close()
+        except OSError:
+            continue
+        if s.family == socket.AF_UNIX and s.type == socket.SOCK_SEQPACKET:
+            found.append(s)
+        else:
+            s.close()
     assert len(found) == 1, found
     return found[0]
 
