@@ -747,8 +747,9 @@ def test_descriptor_counts_flat_over_10000_cycles(start_broker: Callable[..., Br
             # alternate: a new socket from the creator, then the cached one (held by keep)
             sock = one.request_socket("udp", "127.0.0.1", 8000 + i % 2, share="ANY")
             one.release_socket(sock)
-        assert fd_count(b.pid) == broker_fds
-        assert fd_count(b.creator_pid) == creator_fds
+        # (the creator closes its copy just after sending it: allow it that moment)
+        wait_for(lambda: fd_count(b.pid) == broker_fds, "the broker's count back", 5)
+        wait_for(lambda: fd_count(b.creator_pid) == creator_fds, "the creator's count back", 5)
         one.release_socket(keep)
         assert one.status() == []
     assert fd_count() == ours
