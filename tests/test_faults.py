@@ -1179,14 +1179,30 @@ def _read_frames(s: socket.socket) -> list[Any]:
             out.append(m)
 
 
+@pytest.fixture
+def roomy_broker(tmp_path: Any) -> Iterator[BrokerUnderTest]:
+    """As ``broker``, with a per-user in-flight cap well above what a socket
+    buffer holds (about 270 grants here), so that the buffer is what stops
+    the answers: at the default cap (256) the client's own uid would be held
+    back first (``INFLIGHT``), by design, and with it every other client of
+    that uid (tests/broker/test_attack_broker.py tests that cap)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (the broker drops to its own user)")
+    tmp_path.chmod(0o755)
+    b = BrokerUnderTest(str(tmp_path), "--client-timeout", "1", "--max-inflight-per-user", "4096")
+    yield b
+    b.stop()
+
+
 @requires_root
 def test_broker_client_that_never_reads_is_cut_off_and_delays_nobody(
-    broker: BrokerUnderTest,
+    roomy_broker: BrokerUnderTest,
 ) -> None:
     """A client sends requests (never more than max_pending unanswered) and
     never reads: once the broker's answers fill the socket buffer it cannot
     write, and after --client-timeout it cuts the client off, releasing its
     grants.  Another client is served meanwhile."""
+    broker = roomy_broker
     baseline = fd_count(broker.pid)
     bad = _raw_client(broker.path)
     udp0 = make_request("udp", "127.0.0.1", 0)
