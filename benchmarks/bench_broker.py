@@ -887,6 +887,10 @@ def floor_ratios(rounds: list[dict[str, Any]], scenarios: list[str]) -> dict[str
         behind = [r["half"][s]["grants_per_s"] < 0.97 * load for r in rs for s in sides]
         if any(behind):
             print(f"{scenario:8} ('!': {sum(behind)} half-capacity runs served less than offered)")
+        others = [r[k][s]["other_cpus"] for r in rs for k in ("closed", "half") for s in sides]
+        res["other_cpus"] = med(others)
+        print(f"{scenario:8} (other processes meanwhile: {med(others):.2f} CPUs, median; "
+              f"up to {max(others):.2f})")  # fmt: skip
         out[scenario] = res
     return out
 
