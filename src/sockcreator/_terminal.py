@@ -12,9 +12,12 @@ import os
 import signal
 from collections.abc import Callable, Iterable
 from types import FrameType
-from typing import NoReturn
 
 from .privileges import Credentials, drop_to, make_non_dumpable
+
+TYPE_CHECKING = False  # (not typing's: no typing at run time)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 __all__ = ["FORWARDED_SIGNALS", "fork_relay", "forward_signals", "open_fds", "terminal_in_reach"]
 

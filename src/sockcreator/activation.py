@@ -38,7 +38,12 @@ import os
 import resource
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+TYPE_CHECKING = False  # (not typing's: see _record)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+else:
+    from ._record import dataclass
 
 __all__ = ["SD_LISTEN_FDS_START", "ListenFD", "listen_fds", "listen_sockets"]
 

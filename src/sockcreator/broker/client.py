@@ -29,7 +29,6 @@ import struct
 import threading
 from collections.abc import Sequence
 from types import TracebackType
-from typing import NoReturn
 
 from ..client._channel import RECV_FLAGS, close_fds, set_kernel_timeouts
 from ..client._protocol import (
@@ -74,6 +73,10 @@ from ._protocol import (
 )
 
 _INT = struct.Struct("@i")
+
+TYPE_CHECKING = False  # (not typing's: no typing at run time)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 __all__ = [
     "ENV_BROKER_FD",

@@ -9,7 +9,6 @@ import subprocess
 import threading
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import NoReturn
 
 from ._channel import (
     ANCBUFSIZE,
@@ -39,6 +38,10 @@ from ._protocol import (
     Request,
     SocketReceived,
 )
+
+TYPE_CHECKING = False  # (not typing's: no typing at run time)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 __all__ = ["ENV_FD", "SocketCreator"]
 

@@ -116,8 +116,6 @@ import socket
 import struct
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
 
 from .._terminal import fork_relay, open_fds, terminal_in_reach
 from ..activation import SD_LISTEN_FDS_START
@@ -128,8 +126,14 @@ from ..client._protocol import Request
 from ..client.blocking import ENV_FD, SocketCreator
 from ..privileges import Credentials, drop_to, make_non_dumpable, resolve_credentials
 
+TYPE_CHECKING = False  # (not typing's: see _record)
 if TYPE_CHECKING:
+    from dataclasses import dataclass
+    from typing import NoReturn
+
     from ..broker.client import Broker
+else:
+    from .._record import dataclass
 
 __all__ = [
     "EXIT_CANNOT_EXEC",
@@ -457,6 +461,11 @@ def _ensure_stdio() -> None:
 def launch(p: Plan) -> NoReturn:
     """Steps 2 to 6 (see the module doc); raises LaunchError before the exec."""
     environ = dict(os.environ)
+    if p.intercept:
+        # Now, as the user who started us: the supervisor runs after the drop,
+        # when the interpreter's own library may no longer be readable (it
+        # loads dataclasses, which nothing before it needs any more).
+        from .intercept import supervisor  # noqa: F401
     if os.geteuid() == 0 and p.creds.uid != 0 and terminal_in_reach():
         try:  # only the child returns: a new session, no terminal to read
             fork_relay(p.creds, _PROG)
