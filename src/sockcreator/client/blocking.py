@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import subprocess
 import threading
 from collections.abc import Iterable, Sequence
 from types import TracebackType
@@ -41,6 +40,7 @@ from ._protocol import (
 
 TYPE_CHECKING = False  # (not typing's: no typing at run time)
 if TYPE_CHECKING:
+    import subprocess
     from typing import NoReturn
 
 __all__ = ["ENV_FD", "SocketCreator"]
