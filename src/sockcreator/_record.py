@@ -78,38 +78,12 @@ def _make(decorated: _T) -> _T:
         if "__record_fields__" in base.__dict__ or "__dataclass_fields__" in base.__dict__:
             raise TypeError(f"{cls.__name__}: a base with fields is not supported")
     defaults = {n: own[n] for n in names if n in own}
-    params: list[str] = []
+    seen_default = False
     for n in names:
         if n in defaults:
-            params.append(f"{n}=_d_{n}")
-        elif params and "=" in params[-1]:
+            seen_default = True
+        elif seen_default:
             raise TypeError(f"non-default argument {n!r} follows default argument")
-        else:
-            params.append(n)
-    body = [f"    _set(self, {n!r}, {n})" for n in names]
-    if "__post_init__" in own:
-        body.append("    self.__post_init__()")
-    values = "".join(f"self.{n}," for n in names)
-    inner = ", ".join(f"{n}={{self.{n}!r}}" for n in names)
-    others = "".join(f"other.{n}," for n in names)
-    source = "\n".join(
-        [
-            f"def __init__(self, {', '.join(params)}) -> None:",
-            *(body or ["    pass"]),
-            "def __eq__(self, other):",
-            "    if other.__class__ is self.__class__:",
-            f"        return ({values}) == ({others})",
-            "    return NotImplemented",
-            "def __hash__(self):",
-            f"    return hash(({values}))",
-            "def __repr__(self):",
-            f"    return f'{{self.__class__.__qualname__}}({inner})'",
-        ]
-    )
-    ns: dict[str, Any] = {f"_d_{n}": v for n, v in defaults.items()}
-    ns["_set"] = object.__setattr__
-    exec(source, ns)  # one small compile per class: what dataclasses does, less of it
-    qual = cls.__qualname__
     fieldset = frozenset(names)
 
     def __setattr__(self: object, name: str, value: object) -> None:
@@ -122,16 +96,11 @@ def _make(decorated: _T) -> _T:
             raise _frozen_error(f"cannot delete field {name!r}")
         super(cls, self).__delattr__(name)
 
-    methods: dict[str, Any] = {
-        "__init__": ns["__init__"],
-        "__repr__": ns["__repr__"],
-        "__eq__": ns["__eq__"],
-        "__hash__": ns["__hash__"],
-        "__setattr__": __setattr__,
-        "__delattr__": __delattr__,
-    }
+    methods: dict[str, Any] = {"__setattr__": __setattr__, "__delattr__": __delattr__}
+    for name in _SOURCES:
+        methods[name] = _stub(cls, name)
     for name, fn in methods.items():
-        fn.__qualname__ = f"{qual}.{name}"
+        fn.__qualname__ = f"{cls.__qualname__}.{name}"
         if name not in own or (name == "__hash__" and own[name] is None):
             setattr(cls, name, fn)
     for name, value in (
@@ -149,3 +118,64 @@ def _make(decorated: _T) -> _T:
         )
         cls.__doc__ = f"{cls.__name__}({sig})"
     return decorated
+
+
+def _init_source(cls: Any, names: tuple[str, ...]) -> list[str]:
+    defaults = cls.__dict__["__record_defaults__"]
+    params = ", ".join(f"{n}=_d_{n}" if n in defaults else n for n in names)
+    body = [f"    _set(self, {n!r}, {n})" for n in names]
+    if "__post_init__" in cls.__dict__:
+        body.append("    self.__post_init__()")
+    return [f"def __init__(self, {params}):", *(body or ["    pass"])]
+
+
+def _eq_source(cls: Any, names: tuple[str, ...]) -> list[str]:
+    mine, theirs = ("".join(f"{who}.{n}," for n in names) for who in ("self", "other"))
+    return [
+        "def __eq__(self, other):",
+        "    if other.__class__ is self.__class__:",
+        f"        return ({mine}) == ({theirs})",
+        "    return NotImplemented",
+    ]
+
+
+def _hash_source(cls: Any, names: tuple[str, ...]) -> list[str]:
+    return ["def __hash__(self):", f"    return hash(({''.join(f'self.{n},' for n in names)}))"]
+
+
+def _repr_source(cls: Any, names: tuple[str, ...]) -> list[str]:
+    inner = ", ".join(f"{n}={{self.{n}!r}}" for n in names)
+    return ["def __repr__(self):", f"    return f'{{self.__class__.__qualname__}}({inner})'"]
+
+
+_SOURCES = {
+    "__init__": _init_source,
+    "__eq__": _eq_source,
+    "__hash__": _hash_source,
+    "__repr__": _repr_source,
+}
+
+
+def _stub(cls: Any, name: str) -> Any:
+    """``name``, compiled when first called (a compile costs a fifth of a
+    millisecond, and most classes never see most of their methods in one
+    process); the compiled method then replaces this one."""
+
+    def stub(self: object, *args: object, **kwargs: object) -> Any:
+        fn = _compile(cls, name)
+        if cls.__dict__.get(name) is stub:
+            setattr(cls, name, fn)
+        return fn(self, *args, **kwargs)
+
+    return stub
+
+
+def _compile(cls: Any, name: str) -> Any:
+    names = cls.__dict__["__record_fields__"]
+    ns: dict[str, Any] = {f"_d_{n}": v for n, v in cls.__dict__["__record_defaults__"].items()}
+    ns["_set"] = object.__setattr__
+    exec("\n".join(_SOURCES[name](cls, names)), ns)  # what dataclasses does, when needed
+    fn = ns[name]
+    fn.__qualname__ = f"{cls.__qualname__}.{name}"
+    fn.__module__ = cls.__module__
+    return fn
