@@ -107,7 +107,6 @@ Size: about a quarter of this file is this docstring, the design of
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import os
@@ -128,6 +127,7 @@ from ..privileges import Credentials, drop_to, make_non_dumpable, resolve_creden
 
 TYPE_CHECKING = False  # (not typing's: see _record)
 if TYPE_CHECKING:
+    import argparse
     from dataclasses import dataclass
     from typing import NoReturn
 
@@ -174,13 +174,14 @@ class LaunchError(Exception):
         self.status = status
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            self.print_usage(sys.stderr)
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
     p = _Parser(
         prog=_PROG,
         description="Run PROGRAM as an unprivileged user with privileged listening sockets "
@@ -257,6 +258,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("program", metavar="PROGRAM", help="program to exec (PATH is searched)")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
     return p
+
+
+# The options of build_parser() by option string (flags, then those taking a
+# value): what _parse_plain() takes without argparse.
+_FLAGS = {"--allow-root": "allow_root", "--intercept": "intercept"}
+_VALUED = {
+    **dict.fromkeys(("--user", "-u"), "user"),
+    **dict.fromkeys(("--group", "-g"), "group"),
+    **dict.fromkeys(("--listen", "-l"), "listen"),
+    **dict.fromkeys(("--allow", "-a"), "allow"),
+    **dict.fromkeys(("--name", "-n"), "name"),
+    "--backlog": "backlog",
+    "--share": "share",
+    "--share-name": "share_name",
+    "--linger": "linger",
+    "--broker": "broker",
+}
+_SHARES = ("NO", "SAMEAPP", "ANY")
+
+
+def _parse_plain(argv: Sequence[str]) -> argparse.Namespace | None:
+    """What ``build_parser().parse_args(argv)`` gives, for the plain command
+    lines: options spelled in full (``--listen SPEC``, ``-l SPEC``), values
+    that do not start with '-', then PROGRAM (after ``--``, or the first
+    argument that is not an option).  None for anything else (help, ``=``,
+    abbreviations, bad values, no PROGRAM...): argparse then parses it, and
+    explains.  ``import argparse`` (with re and gettext) is a fifth of
+    ``run``'s start-up."""
+    from types import SimpleNamespace
+
+    ns: dict[str, object] = {
+        "user": None, "group": None, "listen": [], "allow": [], "name": [],
+        "backlog": socket.SOMAXCONN, "allow_root": False, "intercept": False, "share": "NO",
+        "share_name": "", "linger": None, "broker": None,
+    }  # fmt: skip
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _FLAGS:
+            ns[_FLAGS[arg]] = True
+            i += 1
+            continue
+        dest = _VALUED.get(arg)
+        if dest is None:
+            break
+        if i + 1 == len(argv) or argv[i + 1].startswith("-"):
+            return None
+        value: object = argv[i + 1]
+        try:
+            if dest == "backlog":
+                value = int(argv[i + 1])
+            elif dest == "linger":
+                value = float(argv[i + 1])
+        except ValueError:
+            return None
+        if dest == "share" and value not in _SHARES:
+            return None
+        if dest in ("listen", "allow", "name"):
+            ns[dest].append(value)  # type: ignore[attr-defined]
+        else:
+            ns[dest] = value
+        i += 2
+    if argv[i : i + 1] == ["--"]:
+        i += 1
+    rest = list(argv[i + 1 :])
+    if i == len(argv) or argv[i].startswith("-") or "--" in rest:
+        return None
+    return SimpleNamespace(**ns, program=argv[i], args=rest)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -643,7 +712,8 @@ def _stop(creator: SocketCreator) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``sockcreator run``: exec PROGRAM, or return an exit status."""
-    args = build_parser().parse_args(argv)
+    plain = _parse_plain(sys.argv[1:] if argv is None else argv)
+    args = plain if plain is not None else build_parser().parse_args(argv)
     try:
         _ensure_stdio()
         launch(plan(args, dict(os.environ)))
