@@ -35,7 +35,6 @@ Descriptors may be any kind of file (systemd also passes FIFOs and more);
 from __future__ import annotations
 
 import os
-import resource
 import socket
 from collections.abc import Mapping
 
@@ -68,6 +67,8 @@ def _decimal(name: str, value: str) -> int:
 
 
 def _fd_limit() -> int:
+    import resource  # (only here: PROGRAM calls this, the launcher never does)
+
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft > 2**31 - 1:
         return 2**31 - 1

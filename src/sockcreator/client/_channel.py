@@ -4,6 +4,7 @@ reaping the child.  No protocol logic lives here (that is ``_protocol``)."""
 
 from __future__ import annotations
 
+import _thread
 import array
 import contextlib
 import errno
@@ -14,14 +15,13 @@ import pwd
 import socket
 import struct
 import sys
-import threading
 from collections.abc import Iterable, Sequence
 
 from ._protocol import AddressSpec, ProtocolSpec, ProtocolViolation, Request, make_request
 
 TYPE_CHECKING = False  # (not typing's: no typing at run time)
 if TYPE_CHECKING:
-    # At run time subprocess is imported by the first spawn, queue and
+    # At run time subprocess (and threading) is imported by the first spawn, queue and
     # concurrent.futures by the first spawn from another thread: a broker
     # client, or an adopted channel, needs none of them.
     import concurrent.futures
@@ -130,7 +130,7 @@ def creator_argv(
 
 Spawned = tuple[socket.socket, "subprocess.Popen[bytes]"]
 _spawn_queue: queue.SimpleQueue[tuple[list[str], concurrent.futures.Future[Spawned]]] | None = None
-_spawner_lock = threading.Lock()
+_spawner_lock = _thread.allocate_lock()  # (threading.Lock: threading waits for spawn)
 
 
 def _spawner_loop(
@@ -148,7 +148,7 @@ def _spawner_loop(
 def _forget_spawner() -> None:
     """After fork: the spawner thread did not come along (waiting on it would hang)."""
     global _spawn_queue, _spawner_lock
-    _spawn_queue, _spawner_lock = None, threading.Lock()
+    _spawn_queue, _spawner_lock = None, _thread.allocate_lock()
 
 
 os.register_at_fork(after_in_child=_forget_spawner)
@@ -163,6 +163,8 @@ def spawn(argv: Sequence[str]) -> Spawned:
     (a daemon thread is never joined at exit, so it outlives atexit handlers):
     a SocketCreator made in a short-lived worker thread survives that thread."""
     global _spawn_queue
+    import threading  # (subprocess, which _spawn needs, imports it anyway)
+
     if threading.current_thread() is threading.main_thread():
         return _spawn(argv)
     import concurrent.futures

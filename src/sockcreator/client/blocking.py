@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import _thread  # (threading.Lock is _thread.allocate_lock: no threading import)
 import os
 import socket
 import struct
-import threading
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 
@@ -89,7 +89,7 @@ class SocketCreator:
         self._sock = sock
         self._proc = proc
         self._timeout = timeout
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._parser = AnswerParser()
         self._dead: str | None = None  # why the handle is unusable
 
