@@ -110,7 +110,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import signal
 import socket
 import struct
 import sys
@@ -128,11 +127,14 @@ from ..privileges import Credentials, drop_to, make_non_dumpable, resolve_creden
 TYPE_CHECKING = False  # (not typing's: see _record)
 if TYPE_CHECKING:
     import argparse
+    import signal
     from dataclasses import dataclass
     from typing import NoReturn
 
     from ..broker.client import Broker
 else:
+    import _signal as signal  # (as in _terminal: no enums made at import)
+
     from .._record import dataclass
 
 __all__ = [
