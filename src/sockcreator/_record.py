@@ -22,6 +22,11 @@ works).  ``dataclasses.fields``, ``replace``, ``asdict`` and
 ``is_dataclass`` work too: ``__dataclass_fields__`` is made, by the real
 :mod:`dataclasses`, the first time something asks for it.
 
+Each method is generated source, as dataclasses makes it, but compiled
+only when first called (a compile is a tenth to a fifth of a millisecond);
+``__init__`` binds its arguments by hand for a class's first few instances
+and is compiled once the class is hot, so that start-up compiles nothing.
+
 Only what this package uses is supported: ``frozen=True``, plain defaults
 (no ``field()``), no ``ClassVar`` or ``InitVar``, no base with fields.
 """
@@ -96,13 +101,6 @@ def _make(decorated: _T) -> _T:
             raise _frozen_error(f"cannot delete field {name!r}")
         super(cls, self).__delattr__(name)
 
-    methods: dict[str, Any] = {"__setattr__": __setattr__, "__delattr__": __delattr__}
-    for name in _SOURCES:
-        methods[name] = _stub(cls, name)
-    for name, fn in methods.items():
-        fn.__qualname__ = f"{cls.__qualname__}.{name}"
-        if name not in own or (name == "__hash__" and own[name] is None):
-            setattr(cls, name, fn)
     for name, value in (
         ("__record_fields__", names),
         ("__record_defaults__", defaults),
@@ -111,6 +109,13 @@ def _make(decorated: _T) -> _T:
         ("__dataclass_params__", _LazyFields("__dataclass_params__")),
     ):
         setattr(cls, name, value)
+    methods: dict[str, Any] = {"__setattr__": __setattr__, "__delattr__": __delattr__}
+    for name in _SOURCES:
+        methods[name] = _stub(cls, name)
+    for name, fn in methods.items():
+        fn.__qualname__ = f"{cls.__qualname__}.{name}"
+        if name not in own or (name == "__hash__" and own[name] is None):
+            setattr(cls, name, fn)
     if cls.__doc__ is None:  # as dataclasses does, from the signature
         sig = ", ".join(
             f"{n}: {own['__annotations__'][n]!r}" + (f" = {defaults[n]!r}" if n in defaults else "")
@@ -159,15 +164,69 @@ _SOURCES = {
 def _stub(cls: Any, name: str) -> Any:
     """``name``, compiled when first called (a compile costs a fifth of a
     millisecond, and most classes never see most of their methods in one
-    process); the compiled method then replaces this one."""
+    process); the compiled method then replaces this one.  ``__init__`` is
+    compiled only once it is hot: see :func:`_first_inits`."""
+    if name == "__init__":
+        return _first_inits(cls)
 
     def stub(self: object, *args: object, **kwargs: object) -> Any:
-        fn = _compile(cls, name)
-        if cls.__dict__.get(name) is stub:
-            setattr(cls, name, fn)
-        return fn(self, *args, **kwargs)
+        return _promote(cls, name, stub)(self, *args, **kwargs)
 
     return stub
+
+
+def _promote(cls: Any, name: str, stub: object) -> Any:
+    fn = _compile(cls, name)
+    if cls.__dict__.get(name) is stub:
+        setattr(cls, name, fn)
+    return fn
+
+
+#: Calls of a class's ``__init__`` before it is compiled: start-up makes a
+#: handful of each class, a loop makes many.
+_HOT = 8
+
+
+def _first_inits(cls: Any) -> Any:
+    """An ``__init__`` that binds its arguments by hand (no compile) for the
+    first few instances, then compiles the real one and hands over to it.
+    Anything it does not bind plainly (a wrong call, to be explained) goes
+    to the compiled one at once, so the errors are its TypeErrors."""
+    names = cls.__dict__["__record_fields__"]
+    defaults = cls.__dict__["__record_defaults__"]
+    fieldset = frozenset(names)
+    post = "__post_init__" in cls.__dict__
+    calls = 0
+
+    def __init__(self: object, *args: object, **kwargs: object) -> None:
+        nonlocal calls
+        calls += 1
+        values = _bind(args, kwargs) if calls <= _HOT else None
+        if values is None:
+            _promote(cls, "__init__", __init__)(self, *args, **kwargs)
+            return
+        for n in names:  # in field order, as the compiled one does
+            object.__setattr__(self, n, values[n])
+        if post:
+            self.__post_init__()  # type: ignore[attr-defined]
+
+    def _bind(args: tuple[object, ...], kwargs: dict[str, object]) -> dict[str, object] | None:
+        if len(args) > len(names) or not kwargs.keys() <= fieldset:
+            return None
+        values = dict(zip(names, args, strict=False))
+        if kwargs:
+            if not values.keys().isdisjoint(kwargs):
+                return None
+            values.update(kwargs)
+        if len(values) < len(names):
+            for n in names:
+                if n not in values:
+                    if n not in defaults:
+                        return None
+                    values[n] = defaults[n]
+        return values
+
+    return __init__
 
 
 def _compile(cls: Any, name: str) -> Any:
