@@ -87,6 +87,13 @@ def test_run_spells_the_broker_variable_as_the_broker_client_does() -> None:
     assert spelled == ENV_BROKER_FD
 
 
+def test_run_puts_the_sockets_where_activation_reads_them() -> None:
+    from sockcreator.activation import SD_LISTEN_FDS_START
+    from sockcreator.run.launcher import SD_LISTEN_FDS_START as spelled
+
+    assert spelled == SD_LISTEN_FDS_START
+
+
 def test_run_loads_the_broker_client_only_for_broker() -> None:
     out = subprocess.run([sys.executable, "-c", PROBE, "run", "--help"], capture_output=True,
                          text=True, timeout=60, check=True).stdout.split()  # fmt: skip
@@ -104,7 +111,7 @@ def test_run_imports_no_dataclasses_typing_or_futures() -> None:
     out = subprocess.run([sys.executable, "-c", PROBE, "run", "--help"], capture_output=True,
                          text=True, timeout=60, check=True).stdout.split()  # fmt: skip
     assert "sockcreator.run.launcher" in out, out
-    assert not [m for m in NOT_FOR_RUN if m in out], out
+    assert not [m for m in (*NOT_FOR_RUN, "sockcreator.activation") if m in out], out
 
 
 def test_run_broker_imports_no_dataclasses_typing_futures_or_subprocess() -> None:

@@ -116,7 +116,6 @@ import sys
 from collections.abc import Sequence
 
 from .._terminal import fork_relay, open_fds, terminal_in_reach
-from ..activation import SD_LISTEN_FDS_START
 from ..client import specs
 from ..client._channel import creator_argv
 from ..client._errors import CreatorError, CreatorFatalError, SocketCreationError
@@ -166,6 +165,9 @@ _PROG = "sockcreator run"
 #: broker.client.ENV_BROKER_FD, spelled here: the broker client (and its wire
 #: protocol, about 70 ms of imports) is loaded only for --broker.
 ENV_BROKER_FD = "SOCKCREATOR_BROKER_FD"
+#: activation.SD_LISTEN_FDS_START, spelled here too: that module (the side
+#: of PROGRAM, which reads LISTEN_FDS) is not loaded to start it.
+SD_LISTEN_FDS_START = 3
 
 
 class LaunchError(Exception):
