@@ -19,7 +19,9 @@ try:
         main(argv)
 except SystemExit:
     pass
-print(" ".join(sorted(m for m in sys.modules if m == "asyncio" or m.startswith("sockcreator"))))
+HEAVY = ("asyncio", "dataclasses", "inspect", "typing", "concurrent.futures", "pathlib", "queue",
+         "subprocess", "argparse", "re", "threading", "signal")
+print(" ".join(sorted(m for m in sys.modules if m in HEAVY or m.startswith("sockcreator"))))
 """
 
 
@@ -85,7 +87,42 @@ def test_run_spells_the_broker_variable_as_the_broker_client_does() -> None:
     assert spelled == ENV_BROKER_FD
 
 
+def test_run_puts_the_sockets_where_activation_reads_them() -> None:
+    from sockcreator.activation import SD_LISTEN_FDS_START
+    from sockcreator.run.launcher import SD_LISTEN_FDS_START as spelled
+
+    assert spelled == SD_LISTEN_FDS_START
+
+
 def test_run_loads_the_broker_client_only_for_broker() -> None:
     out = subprocess.run([sys.executable, "-c", PROBE, "run", "--help"], capture_output=True,
                          text=True, timeout=60, check=True).stdout.split()  # fmt: skip
     assert "sockcreator.broker.client" not in out, out
+
+
+#: What ``run`` (and ``run --broker``) never needs at start-up: the frozen
+#: value classes come from sockcreator._record, type aliases need no typing,
+#: and subprocess, queue and concurrent.futures wait for a creator to spawn.
+NOT_FOR_RUN = ("asyncio", "dataclasses", "inspect", "typing", "concurrent.futures", "pathlib",
+               "queue", "subprocess")  # fmt: skip
+
+
+def test_run_imports_no_dataclasses_typing_or_futures() -> None:
+    out = subprocess.run([sys.executable, "-c", PROBE, "run", "--help"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()  # fmt: skip
+    assert "sockcreator.run.launcher" in out, out
+    assert not [m for m in (*NOT_FOR_RUN, "sockcreator.activation") if m in out], out
+
+
+def test_run_broker_imports_no_dataclasses_typing_futures_or_subprocess() -> None:
+    """As far as connecting (to no broker here: exit status 103).  A plain
+    command line is parsed without argparse (nor re) too, and the clients'
+    locks are _thread's (threading waits for a creator to spawn), and
+    signal's functions are _signal's (signal.py makes enums)."""
+    argv = ["run", "--broker", "/nonexistent/broker.sock", "--allow-root", "--listen",
+            "tcp:127.0.0.1:80", "--", "/bin/true"]  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()  # fmt: skip
+    assert "sockcreator.broker.client" in out, out
+    late = ("argparse", "re", "threading", "signal")
+    assert not [m for m in (*NOT_FOR_RUN, *late) if m in out], out

@@ -25,14 +25,18 @@ STDLIB = sys.stdlib_module_names
 
 #: part -> the parts of this package its modules may import.  A part is a
 #: subpackage, or a top-level module.  The creator imports nothing of ours.
+#: ``_record`` (dataclass(frozen=True) without importing dataclasses, for
+#: start-up time) imports nothing of ours, and any part but the creator may
+#: use it.
 MAY_IMPORT: dict[str, set[str]] = {
     "creator": set(),
-    "client": {"client"},
-    "activation": set(),
-    "privileges": set(),
+    "_record": set(),
+    "client": {"client", "_record"},
+    "activation": {"_record"},
+    "privileges": {"_record"},
     "_terminal": {"privileges"},
-    "run": {"run", "client", "activation", "privileges", "_terminal", "broker.client"},
-    "broker": {"broker", "client", "privileges", "_terminal", "activation"},
+    "run": {"run", "client", "activation", "privileges", "_terminal", "broker.client", "_record"},
+    "broker": {"broker", "client", "privileges", "_terminal", "activation", "_record"},
     "cli": {"cli", "client", "run", "broker.serve", "broker.status", "broker.client"},
     "__main__": {"cli"},
     "__init__": {"client", "broker.client", "broker.aio"},

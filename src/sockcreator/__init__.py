@@ -5,10 +5,11 @@ bind ports below 1024 and hands bound sockets over a Unix socket; everything
 else runs unprivileged.  See README.md.
 
 The names below are loaded when first used, so that ``import sockcreator``
-(and every command but ``serve``) costs no asyncio and no broker.
+(and every command but ``serve``) costs no asyncio and no broker.  No
+``from __future__ import annotations`` here or in :mod:`.cli`: that import
+is a module of its own, and ``sockcreator creator`` loads nothing it can
+avoid before its exec.
 """
-
-from __future__ import annotations
 
 TYPE_CHECKING = False  # (not typing's: importing typing costs every command ~10 ms)
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     where = _WHERE.get(name)
     if where is None:
         raise AttributeError(f"module 'sockcreator' has no attribute {name!r}")

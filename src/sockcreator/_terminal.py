@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 from collections.abc import Callable, Iterable
 from types import FrameType
-from typing import NoReturn
 
 from .privileges import Credentials, drop_to, make_non_dumpable
+
+TYPE_CHECKING = False  # (not typing's: no typing at run time)
+if TYPE_CHECKING:
+    import signal
+    from typing import NoReturn
+else:
+    # signal's functions without its enums (signal.py makes three IntEnums
+    # at import, a millisecond): the same calls, with plain numbers.
+    import _signal as signal
 
 __all__ = ["FORWARDED_SIGNALS", "fork_relay", "forward_signals", "open_fds", "terminal_in_reach"]
 

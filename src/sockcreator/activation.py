@@ -35,10 +35,14 @@ Descriptors may be any kind of file (systemd also passes FIFOs and more);
 from __future__ import annotations
 
 import os
-import resource
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+TYPE_CHECKING = False  # (not typing's: see _record)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+else:
+    from ._record import dataclass
 
 __all__ = ["SD_LISTEN_FDS_START", "ListenFD", "listen_fds", "listen_sockets"]
 
@@ -63,6 +67,8 @@ def _decimal(name: str, value: str) -> int:
 
 
 def _fd_limit() -> int:
+    import resource  # (only here: PROGRAM calls this, the launcher never does)
+
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft > 2**31 - 1:
         return 2**31 - 1

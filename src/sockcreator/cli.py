@@ -1,11 +1,9 @@
 """The ``sockcreator`` command."""
 
-from __future__ import annotations
-
 import os
 import sys
 
-TYPE_CHECKING = False  # (not typing's: ``sockcreator creator`` must start fast)
+TYPE_CHECKING = False  # (not typing's, nor __future__: ``sockcreator creator`` must start fast)
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
@@ -24,11 +22,11 @@ def _exec_creator(creator_args: list[str]) -> int:
     raise AssertionError("not reached")
 
 
-def _creator(args: argparse.Namespace) -> int:
+def _creator(args: "argparse.Namespace") -> int:
     return _exec_creator(args.creator_args)
 
 
-def _check(args: argparse.Namespace) -> int:
+def _check(args: "argparse.Namespace") -> int:
     """Start a creator, ask it for sockets, and say what happened."""
     from .client._errors import CreatorError
     from .client.blocking import SocketCreator
@@ -69,7 +67,7 @@ def _proc_summary(pid: int | None) -> str:
     return ", ".join(f"{k} {fields[k].split()[0]}" for k in keys if k in fields)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> "argparse.ArgumentParser":
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -106,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: "Sequence[str] | None" = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["creator"] and not {"-h", "--help"} & set(argv[1:2]):
         return _exec_creator(argv[2:] if argv[1:2] == ["--"] else argv[1:])

@@ -47,7 +47,12 @@ import os
 import pwd
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+
+TYPE_CHECKING = False  # (not typing's: see _record)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+else:
+    from ._record import dataclass
 
 __all__ = [
     "Credentials",

@@ -9,8 +9,6 @@ import ipaddress
 import os
 import socket
 import struct
-from dataclasses import dataclass
-from typing import Union
 
 from ..client._channel import unpack_fds
 from ..client._errors import CreatorError, CreatorFatalError, errno_error
@@ -39,6 +37,12 @@ from ._protocol import (
     check_name,
 )
 
+TYPE_CHECKING = False  # (not typing's: see _record)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+else:
+    from .._record import dataclass
+
 __all__ = [
     "ENV_BROKER_FD",
     "BrokerFatalError",
@@ -59,7 +63,7 @@ _kernel_type = socket.SocketType.type.__get__
 _ID = struct.Struct("!I")
 _RELEASE = struct.Struct("!cHIQ")  # a whole 'R' frame
 _TEMPLATES = 256  # requests remembered, encoded (then forgotten all at once)
-ShareSpec = Union[ShareMode, str]
+ShareSpec = ShareMode | str
 
 
 class SocketRefusedError(CreatorError, OSError):

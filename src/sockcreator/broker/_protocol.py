@@ -71,10 +71,14 @@ import ipaddress
 import socket
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Union
 
 from ..client._protocol import IPAddress, Request, SocketOptions
+
+TYPE_CHECKING = False  # (not typing's: see _record)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+else:
+    from .._record import dataclass
 
 __all__ = [
     "MAX_BODY",
@@ -297,7 +301,7 @@ class BindFrame:
         return _frame(b"B", _BIND.pack(self.id, family, self.port) + self.address.packed)
 
 
-ClientMessage = Union[Hello, SocketRequest, Release, StatusQuery, BindFrame]
+ClientMessage = Hello | SocketRequest | Release | StatusQuery | BindFrame
 
 
 def _decode_request(body: bytes) -> SocketRequest:
@@ -306,7 +310,7 @@ def _decode_request(body: bytes) -> SocketRequest:
     return SocketRequest(_ID.unpack_from(body)[0], *_request_fields(body[4:]))
 
 
-_RequestFields = tuple[Request, ShareMode, str, Union[int, None]]
+_RequestFields = tuple[Request, ShareMode, str, int | None]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -605,9 +609,9 @@ class Fatal:
         return _frame(b"X", self.code.value + bytes((len(text),)) + text)
 
 
-BrokerMessage = Union[
-    HelloReply, Granted, Denied, Released, StatusEntry, StatusEnd, Fatal, BoundReply
-]
+BrokerMessage = (
+    HelloReply | Granted | Denied | Released | StatusEntry | StatusEnd | Fatal | BoundReply
+)
 
 
 def _decode_grant(body: bytes, fd: int = -1) -> Granted:

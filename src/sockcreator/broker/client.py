@@ -20,16 +20,15 @@ for bad arguments, before anything is sent.
 
 from __future__ import annotations
 
+import _thread  # (threading.Lock is _thread.allocate_lock: no threading import)
 import collections
 import errno
 import ipaddress
 import os
 import socket
 import struct
-import threading
 from collections.abc import Sequence
 from types import TracebackType
-from typing import NoReturn
 
 from ..client._channel import RECV_FLAGS, close_fds, set_kernel_timeouts
 from ..client._protocol import (
@@ -75,6 +74,10 @@ from ._protocol import (
 
 _INT = struct.Struct("@i")
 
+TYPE_CHECKING = False  # (not typing's: no typing at run time)
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 __all__ = [
     "ENV_BROKER_FD",
     "Broker",
@@ -108,7 +111,7 @@ class Broker:
     def _setup(self, sock: socket.socket, timeout: float) -> None:
         self._sock = sock
         self._timeout = timeout
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._decoder = AnswerDecoder()
         self._later: collections.deque[BrokerMessage] = collections.deque()  # read, not taken
         self._next_id = 1

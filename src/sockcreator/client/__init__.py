@@ -7,7 +7,8 @@ the errors (:mod:`._errors`), the blocking client (:mod:`.blocking`), the
 asyncio client (:mod:`.aio`) and the ``PROTO:ADDR:PORTS`` specs
 (:mod:`.specs`).
 
-This part may import: the standard library and its own modules.  It must
+This part may import: the standard library, its own modules and
+``sockcreator._record`` (frozen dataclasses made cheaply).  It must
 not import ``run``, ``broker`` or ``creator.py`` (the creator is run by
 path, never imported), so that a program that only asks a creator for
 sockets loads nothing else.  The asyncio client is not imported here: a

@@ -4,25 +4,30 @@ reaping the child.  No protocol logic lives here (that is ``_protocol``)."""
 
 from __future__ import annotations
 
+import _thread
 import array
-import concurrent.futures
 import contextlib
 import errno
 import functools
 import math
 import os
 import pwd
-import queue
 import socket
 import struct
-import subprocess
 import sys
-import threading
 from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Any, Union
 
 from ._protocol import AddressSpec, ProtocolSpec, ProtocolViolation, Request, make_request
+
+TYPE_CHECKING = False  # (not typing's: no typing at run time)
+if TYPE_CHECKING:
+    # At run time subprocess (and threading) is imported by the first spawn, queue and
+    # concurrent.futures by the first spawn from another thread: a broker
+    # client, or an adopted channel, needs none of them.
+    import concurrent.futures
+    import queue
+    import subprocess
+    from typing import Any
 
 __all__ = [
     "ANCBUFSIZE",
@@ -43,7 +48,9 @@ __all__ = [
 ]
 
 #: The privileged program, run by path with ``python -I -S -B``.
-CREATOR_PATH = str(Path(__file__).resolve().parent.parent / "creator.py")
+CREATOR_PATH = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "creator.py"
+)
 
 #: Room for a few descriptors: more than one on an 'S' is already fatal, and
 #: the kernel drops (never installs) whatever does not fit (MSG_CTRUNC).
@@ -63,7 +70,7 @@ _PROTO = {socket.SOCK_STREAM: socket.IPPROTO_TCP, socket.SOCK_DGRAM: socket.IPPR
 _kernel_family = socket.SocketType.family.__get__
 _kernel_type = socket.SocketType.type.__get__
 
-RequestSpec = Union[Request, tuple[ProtocolSpec, AddressSpec, int]]
+RequestSpec = Request | tuple[ProtocolSpec, AddressSpec, int]
 
 
 @functools.lru_cache(maxsize=256, typed=True)  # typed: True is not 1, 0.0 is not 0
@@ -123,7 +130,7 @@ def creator_argv(
 
 Spawned = tuple[socket.socket, "subprocess.Popen[bytes]"]
 _spawn_queue: queue.SimpleQueue[tuple[list[str], concurrent.futures.Future[Spawned]]] | None = None
-_spawner_lock = threading.Lock()
+_spawner_lock = _thread.allocate_lock()  # (threading.Lock: threading waits for spawn)
 
 
 def _spawner_loop(
@@ -141,7 +148,7 @@ def _spawner_loop(
 def _forget_spawner() -> None:
     """After fork: the spawner thread did not come along (waiting on it would hang)."""
     global _spawn_queue, _spawner_lock
-    _spawn_queue, _spawner_lock = None, threading.Lock()
+    _spawn_queue, _spawner_lock = None, _thread.allocate_lock()
 
 
 os.register_at_fork(after_in_child=_forget_spawner)
@@ -156,8 +163,13 @@ def spawn(argv: Sequence[str]) -> Spawned:
     (a daemon thread is never joined at exit, so it outlives atexit handlers):
     a SocketCreator made in a short-lived worker thread survives that thread."""
     global _spawn_queue
+    import threading  # (subprocess, which _spawn needs, imports it anyway)
+
     if threading.current_thread() is threading.main_thread():
         return _spawn(argv)
+    import concurrent.futures
+    import queue
+
     with _spawner_lock:
         if _spawn_queue is None:
             _spawn_queue = queue.SimpleQueue()
@@ -171,6 +183,8 @@ def spawn(argv: Sequence[str]) -> Spawned:
 
 
 def _spawn(argv: Sequence[str]) -> Spawned:
+    import subprocess
+
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     kwargs: dict[str, Any] = (
         {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
@@ -310,6 +324,8 @@ def reap(proc: subprocess.Popen[bytes] | None, grace: float) -> int | None:
     """Wait up to ``grace`` seconds, then SIGKILL; always reaps.  The status."""
     if proc is None:
         return None
+    import subprocess  # (loaded already: it made proc)
+
     try:
         return proc.wait(grace)
     except subprocess.TimeoutExpired:

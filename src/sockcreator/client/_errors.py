@@ -11,10 +11,14 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, TypeVar
 
+TYPE_CHECKING = False  # (not typing's: no typing at run time)
 if TYPE_CHECKING:
+    from typing import TypeVar
+
     from ._protocol import Request
+
+    _E = TypeVar("_E", bound=OSError)
 
 __all__ = [
     "CreatorError",
@@ -43,7 +47,6 @@ class SocketCreationError(CreatorError, OSError):
         return f"[Errno {self.errno}] {self.strerror}: {self.stage} failed for {self.request}"
 
 
-_E = TypeVar("_E", bound=OSError)
 _SUBCLASSES: dict[tuple[type[OSError], type[OSError]], type[OSError]] = {}
 
 

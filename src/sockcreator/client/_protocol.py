@@ -37,8 +37,12 @@ import ipaddress
 import socket
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Union
+
+TYPE_CHECKING = False  # (not typing's: see _record)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+else:
+    from .._record import dataclass
 
 __all__ = [
     "INT",
@@ -62,9 +66,10 @@ __all__ = [
 #: The errno in an 'E' answer: a C int, native size and byte order.
 INT = struct.Struct("@i")
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-ProtocolSpec = Union[str, int]
-AddressSpec = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
+# (``X | Y``, not typing.Union: no typing at run time)
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+ProtocolSpec = str | int
+AddressSpec = str | ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _TYPE_BYTE = {socket.SOCK_STREAM: b"T", socket.SOCK_DGRAM: b"U"}
 _FAMILY_BYTE = {4: b"4", 6: b"6"}
@@ -265,7 +270,7 @@ class DescriptorLost:
     request: Request
 
 
-Event = Union[SocketReceived, CreationFailed]
+Event = SocketReceived | CreationFailed
 
 # Parser states, and how many bytes each one needs before it can move on.
 _IDLE = "idle"  # between answers: one status byte

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import _thread  # (threading.Lock is _thread.allocate_lock: no threading import)
 import os
 import socket
 import struct
-import subprocess
-import threading
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import NoReturn
 
 from ._channel import (
     ANCBUFSIZE,
@@ -39,6 +37,11 @@ from ._protocol import (
     Request,
     SocketReceived,
 )
+
+TYPE_CHECKING = False  # (not typing's: no typing at run time)
+if TYPE_CHECKING:
+    import subprocess
+    from typing import NoReturn
 
 __all__ = ["ENV_FD", "SocketCreator"]
 
@@ -86,7 +89,7 @@ class SocketCreator:
         self._sock = sock
         self._proc = proc
         self._timeout = timeout
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._parser = AnswerParser()
         self._dead: str | None = None  # why the handle is unusable
 

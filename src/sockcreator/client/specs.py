@@ -27,14 +27,18 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
-from typing import Union
 
 from ._protocol import Request, make_request
 
+TYPE_CHECKING = False  # (not typing's: see _record)
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+else:
+    from .._record import dataclass
+
 __all__ = ["Rule", "allowed", "parse_listen", "parse_rule"]
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _PROTOCOLS = {"tcp": "tcp", "udp": "udp", "*": None}
 _MAX_SPEC = 128  # the longest valid spec is far shorter ("udp:[" + 45 + "]:65535-65535")

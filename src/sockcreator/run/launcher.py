@@ -107,20 +107,15 @@ Size: about a quarter of this file is this docstring, the design of
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import os
-import signal
 import socket
 import struct
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
 
 from .._terminal import fork_relay, open_fds, terminal_in_reach
-from ..activation import SD_LISTEN_FDS_START
 from ..client import specs
 from ..client._channel import creator_argv
 from ..client._errors import CreatorError, CreatorFatalError, SocketCreationError
@@ -128,8 +123,18 @@ from ..client._protocol import Request
 from ..client.blocking import ENV_FD, SocketCreator
 from ..privileges import Credentials, drop_to, make_non_dumpable, resolve_credentials
 
+TYPE_CHECKING = False  # (not typing's: see _record)
 if TYPE_CHECKING:
+    import argparse
+    import signal
+    from dataclasses import dataclass
+    from typing import NoReturn
+
     from ..broker.client import Broker
+else:
+    import _signal as signal  # (as in _terminal: no enums made at import)
+
+    from .._record import dataclass
 
 __all__ = [
     "EXIT_CANNOT_EXEC",
@@ -160,6 +165,9 @@ _PROG = "sockcreator run"
 #: broker.client.ENV_BROKER_FD, spelled here: the broker client (and its wire
 #: protocol, about 70 ms of imports) is loaded only for --broker.
 ENV_BROKER_FD = "SOCKCREATOR_BROKER_FD"
+#: activation.SD_LISTEN_FDS_START, spelled here too: that module (the side
+#: of PROGRAM, which reads LISTEN_FDS) is not loaded to start it.
+SD_LISTEN_FDS_START = 3
 
 
 class LaunchError(Exception):
@@ -170,13 +178,14 @@ class LaunchError(Exception):
         self.status = status
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            self.print_usage(sys.stderr)
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
     p = _Parser(
         prog=_PROG,
         description="Run PROGRAM as an unprivileged user with privileged listening sockets "
@@ -253,6 +262,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("program", metavar="PROGRAM", help="program to exec (PATH is searched)")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
     return p
+
+
+# The options of build_parser() by option string (flags, then those taking a
+# value): what _parse_plain() takes without argparse.
+_FLAGS = {"--allow-root": "allow_root", "--intercept": "intercept"}
+_VALUED = {
+    **dict.fromkeys(("--user", "-u"), "user"),
+    **dict.fromkeys(("--group", "-g"), "group"),
+    **dict.fromkeys(("--listen", "-l"), "listen"),
+    **dict.fromkeys(("--allow", "-a"), "allow"),
+    **dict.fromkeys(("--name", "-n"), "name"),
+    "--backlog": "backlog",
+    "--share": "share",
+    "--share-name": "share_name",
+    "--linger": "linger",
+    "--broker": "broker",
+}
+_SHARES = ("NO", "SAMEAPP", "ANY")
+
+
+def _parse_plain(argv: Sequence[str]) -> argparse.Namespace | None:
+    """What ``build_parser().parse_args(argv)`` gives, for the plain command
+    lines: options spelled in full (``--listen SPEC``, ``-l SPEC``), values
+    that do not start with '-', then PROGRAM (after ``--``, or the first
+    argument that is not an option).  None for anything else (help, ``=``,
+    abbreviations, bad values, no PROGRAM...): argparse then parses it, and
+    explains.  ``import argparse`` (with re and gettext) is a fifth of
+    ``run``'s start-up."""
+    from types import SimpleNamespace
+
+    ns: dict[str, object] = {
+        "user": None, "group": None, "listen": [], "allow": [], "name": [],
+        "backlog": socket.SOMAXCONN, "allow_root": False, "intercept": False, "share": "NO",
+        "share_name": "", "linger": None, "broker": None,
+    }  # fmt: skip
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _FLAGS:
+            ns[_FLAGS[arg]] = True
+            i += 1
+            continue
+        dest = _VALUED.get(arg)
+        if dest is None:
+            break
+        if i + 1 == len(argv) or argv[i + 1].startswith("-"):
+            return None
+        value: object = argv[i + 1]
+        try:
+            if dest == "backlog":
+                value = int(argv[i + 1])
+            elif dest == "linger":
+                value = float(argv[i + 1])
+        except ValueError:
+            return None
+        if dest == "share" and value not in _SHARES:
+            return None
+        if dest in ("listen", "allow", "name"):
+            ns[dest].append(value)  # type: ignore[attr-defined]
+        else:
+            ns[dest] = value
+        i += 2
+    if argv[i : i + 1] == ["--"]:
+        i += 1
+    rest = list(argv[i + 1 :])
+    if i == len(argv) or argv[i].startswith("-") or "--" in rest:
+        return None
+    return SimpleNamespace(**ns, program=argv[i], args=rest)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -457,6 +534,11 @@ def _ensure_stdio() -> None:
 def launch(p: Plan) -> NoReturn:
     """Steps 2 to 6 (see the module doc); raises LaunchError before the exec."""
     environ = dict(os.environ)
+    if p.intercept:
+        # Now, as the user who started us: the supervisor runs after the drop,
+        # when the interpreter's own library may no longer be readable (it
+        # loads dataclasses, which nothing before it needs any more).
+        from .intercept import supervisor  # noqa: F401
     if os.geteuid() == 0 and p.creds.uid != 0 and terminal_in_reach():
         try:  # only the child returns: a new session, no terminal to read
             fork_relay(p.creds, _PROG)
@@ -634,7 +716,8 @@ def _stop(creator: SocketCreator) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``sockcreator run``: exec PROGRAM, or return an exit status."""
-    args = build_parser().parse_args(argv)
+    plain = _parse_plain(sys.argv[1:] if argv is None else argv)
+    args = plain if plain is not None else build_parser().parse_args(argv)
     try:
         _ensure_stdio()
         launch(plan(args, dict(os.environ)))
