@@ -16,6 +16,8 @@ import ipaddress
 import os
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -32,6 +34,8 @@ from test_broker import (  # the fixtures and the broker under test
 )
 
 from sockcreator.broker._protocol import (
+    AnswerDecoder,
+    BindCounts,
     BindFrame,
     BoundReply,
     BrokerProtocolError,
@@ -134,7 +138,13 @@ def test_bind_socket_keeps_options_and_passes_kernel_errors(
         assert info.value.reason is Reason.SOCKET
         for s in (mine, other, foreign):
             s.close()
-        broker.request_socket("tcp", "127.0.0.1", 8000).close()  # the connection lives on
+        broker.release_socket(broker.request_socket("tcp", "127.0.0.1", 8000))  # it lives on
+        # status says what 'B' did (the broker holds none of those sockets)
+        assert broker.status() == [] and broker.binds == (1, 4)
+    shown = subprocess.run([sys.executable, "-m", "sockcreator.cli", "status", "--socket",
+                            b.path], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "0 sockets held, 0 grants; 1 client sockets bound, 4 refused" in shown.stdout
     binds = b.audit("bind")
     assert [(r["address"], r["port"], r["result"]) for r in binds] == [("127.0.0.1", 80, "ok")]
     wait_for(lambda: fd_count(b.pid) == before, "the broker back to its descriptor count")
@@ -191,8 +201,12 @@ def test_malformed_binds_close_only_that_connection(
     wait_for(lambda: fd_count(b.pid) == before, "the broker back to its descriptor count")
 
 
-def test_bound_reply_round_trip() -> None:
+def test_bound_reply_and_bind_counts_round_trip() -> None:
     assert BoundReply(5).encode() == b"O\x00\x04\x00\x00\x00\x05"
+    frame = BindCounts(5, 7, 2).encode()
+    assert frame[:3] == b"Y\x00\x0c"
+    decoder = AnswerDecoder()
+    assert decoder.feed_any(frame) == [BindCounts(5, 7, 2)]
 
 
 def test_q_frame_carries_a_linger_of_its_own() -> None:

@@ -22,6 +22,7 @@ from ..client._protocol import (
 )
 from ._protocol import (
     MAX_BODY,
+    BindCounts,
     BoundReply,
     BrokerMessage,
     BrokerProtocolError,
@@ -298,4 +299,4 @@ def _expected(kind: str, msg: BrokerMessage) -> bool:
         return isinstance(msg, (Released, Denied))
     if kind == "bind":
         return isinstance(msg, (BoundReply, Denied))
-    return isinstance(msg, (StatusEntry, StatusEnd, Denied))
+    return isinstance(msg, (StatusEntry, BindCounts, StatusEnd, Denied))

@@ -22,6 +22,7 @@ from ..client._errors import SocketCreationError
 from ..client._protocol import BindRequest, Request, SocketOptions
 from ._audit import json_text
 from ._protocol import (
+    BindCounts,
     BindFrame,
     BoundReply,
     BrokerProtocolError,
@@ -741,6 +742,8 @@ class _Connection:
                 if len(chunk) >= 256:
                     yield b"".join(chunk)
                     chunk.clear()
+        if self.decoder.version >= 2:  # what 'B' did, which no entry shows
+            chunk.append(BindCounts(rid, *self.server.binds).encode())
         chunk.append(StatusEnd(rid, count).encode())
         self.server.audit.event("status", f'{self.who},"id":{rid},"entries":{count}')
         yield b"".join(chunk)

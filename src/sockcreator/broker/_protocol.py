@@ -40,6 +40,8 @@ Broker to client::
     S  id[4] grant[8] proto[1] family[1] port[2] share[1] flags[1] backlog[4]
        uid[4] gid[4] pid[4] name_len[1] addr[4|16] name[name_len]
                                                      one holder, for 'L'
+    Y  id[4] bound[4] refused[4]                     client sockets bound ('B') and
+                                                     refused, just before Z (version 2)
     Z  id[4] count[4]                                end of the 'L' answer
     O  id[4]                                         bound (the answer to 'B')
     X  code[1] text_len[1] text[text_len]            fatal: the broker closes
@@ -87,6 +89,7 @@ __all__ = [
     "SUPPORTED_VERSIONS",
     "VERSION",
     "AnswerDecoder",
+    "BindCounts",
     "BindFrame",
     "BoundReply",
     "BrokerMessage",
@@ -131,6 +134,7 @@ _RELEASE = struct.Struct("!IQ")
 _ID = struct.Struct("!I")
 _LEN = struct.Struct("!H")
 _END = struct.Struct("!II")
+_COUNTS = struct.Struct("!III")
 _HELLO_REPLY = struct.Struct("!BIH")
 _ENTRY = struct.Struct("!IQ1s1sH1sBIIIIB")  # 35 bytes before addr and name
 
@@ -591,6 +595,19 @@ class BoundReply:
 
 
 @dataclass(frozen=True)
+class BindCounts:
+    """In a status answer (version 2): the client sockets the broker has
+    bound ('B') and refused since it started."""
+
+    id: int
+    bound: int
+    refused: int
+
+    def encode(self) -> bytes:
+        return _frame(b"Y", _COUNTS.pack(self.id, self.bound, self.refused))
+
+
+@dataclass(frozen=True)
 class StatusEnd:
     id: int
     count: int
@@ -610,7 +627,15 @@ class Fatal:
 
 
 BrokerMessage = (
-    HelloReply | Granted | Denied | Released | StatusEntry | StatusEnd | Fatal | BoundReply
+    HelloReply
+    | Granted
+    | Denied
+    | Released
+    | StatusEntry
+    | StatusEnd
+    | Fatal
+    | BoundReply
+    | BindCounts
 )
 
 
@@ -666,6 +691,8 @@ def _decode_answer(kind: bytes, body: bytes) -> BrokerMessage:
         return _decode_entry(body)
     if kind == b"Z" and n == _END.size:
         return StatusEnd(*_END.unpack(body))
+    if kind == b"Y" and n == _COUNTS.size:
+        return BindCounts(*_COUNTS.unpack(body))
     if kind == b"H" and n == _HELLO_REPLY.size:
         return HelloReply(*_HELLO_REPLY.unpack(body))
     if kind == b"X" and n >= 2 and n == 2 + body[1]:

@@ -35,6 +35,7 @@ from ._clientlib import (
 )
 from ._protocol import (
     AnswerDecoder,
+    BindCounts,
     BrokerMessage,
     BrokerProtocolError,
     Denied,
@@ -418,7 +419,7 @@ class AsyncBroker:
                 os.close(msg.fd)
             raise BrokerProtocolError(f"unexpected answer {msg!r} to {w.kind} {w.id}")
         w.answers.append(msg)
-        if isinstance(msg, StatusEntry):
+        if isinstance(msg, (StatusEntry, BindCounts)):
             return
         # _adopt may raise: w is still queued then, and _fail hands it the error.
         sock = _adopt(msg, w.request) if isinstance(msg, Granted) else None

@@ -56,6 +56,7 @@ from ._clientlib import (
 )
 from ._protocol import (
     AnswerDecoder,
+    BindCounts,
     BindFrame,
     BrokerMessage,
     BrokerProtocolError,
@@ -120,6 +121,8 @@ class Broker:
         self.max_held = 0
         self.max_pending = 0
         self.version = 0  # the protocol version spoken (2: bind_socket() works)
+        #: (bound, refused) client sockets, as of the last status() (version 2)
+        self.binds: tuple[int, int] | None = None
         try:
             self._sock.sendall(Hello().encode())
             reply = self._read()
@@ -251,12 +254,17 @@ class Broker:
 
     def status(self) -> list[HeldSocket]:
         """Every grant of every held socket (root or the admin group only:
-        otherwise :class:`SocketRefusedError` with EPERM)."""
+        otherwise :class:`SocketRefusedError` with EPERM).  The same answer
+        also says how many client sockets the broker has bound and refused
+        (``bind_socket``, ``run --broker --intercept``): :attr:`binds`."""
         with self._lock:
             self._check_alive()
             answers = self._ask(self._next_id, StatusQuery(self._next_id).encode(), "status")
             if isinstance(answers[-1], Denied):
                 raise _refused(answers[-1].errno, answers[-1].reason, None)
+            for a in answers:
+                if isinstance(a, BindCounts):
+                    self.binds = (a.bound, a.refused)
             return _status([a for a in answers if isinstance(a, StatusEntry)])
 
     # Plumbing ----------------------------------------------------------------
@@ -282,7 +290,7 @@ class Broker:
                     os.close(msg.fd)
                 self._fatal(f"unexpected answer {msg!r} to {kind} {rid}")
             out.append(msg)
-            if not isinstance(msg, StatusEntry):
+            if not isinstance(msg, (StatusEntry, BindCounts)):
                 return out
 
     def _read(self) -> BrokerMessage:

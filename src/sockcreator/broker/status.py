@@ -46,5 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(h)
     if not args.json:
         sockets = {(h.request.type, h.request.address, h.request.port) for h in held}
-        print(f"{len(sockets)} sockets held, {len(held)} grants")
+        binds = (
+            ""
+            if broker.binds is None
+            else (f"; {broker.binds[0]} client sockets bound, {broker.binds[1]} refused")
+        )
+        print(f"{len(sockets)} sockets held, {len(held)} grants{binds}")
     return 0
