@@ -77,6 +77,7 @@ from ..client._protocol import IPAddress, Request, SocketOptions
 TYPE_CHECKING = False  # (not typing's: see _record)
 if TYPE_CHECKING:
     from dataclasses import dataclass
+    from typing import Any
 else:
     from .._record import dataclass
 
@@ -111,6 +112,7 @@ __all__ = [
     "grant_frame",
     "grant_suffix",
     "lingering",
+    "request_fields",
 ]
 
 VERSION = 2
@@ -307,14 +309,14 @@ ClientMessage = Hello | SocketRequest | Release | StatusQuery | BindFrame
 def _decode_request(body: bytes) -> SocketRequest:
     if len(body) < _REQ.size:
         raise BrokerProtocolError("request too short")
-    return SocketRequest(_ID.unpack_from(body)[0], *_request_fields(body[4:]))
+    return SocketRequest(_ID.unpack_from(body)[0], *request_fields(body[4:]))
 
 
 _RequestFields = tuple[Request, ShareMode, str, int | None]
 
 
 @functools.lru_cache(maxsize=4096)
-def _request_fields(rest: bytes) -> _RequestFields:
+def request_fields(rest: bytes) -> _RequestFields:
     """A request's fields after its id, checked.  Cached: a server sees the
     same few requests again and again, and identical bytes give identical
     (immutable) objects, which lets it cache what it derives from them too.
@@ -382,6 +384,28 @@ class RequestDecoder:
             e.fds = [*self._fds, *(fd for fd in fds if fd not in self._fds)]
             self._fds = []
             raise
+
+    def whole(self, data: bytes) -> tuple[bytes, int, Any] | None:
+        """The common read without building a message: exactly one whole
+        ``Q`` or ``R`` frame, after the hello, with nothing buffered and no
+        descriptor held (the caller passes no descriptors).  ``(b"R", id,
+        grant)``, or ``(b"Q", id, rest)``: ``rest`` is the body after the id,
+        for :func:`request_fields` to check (``feed`` would check it there
+        too: the same bytes, the same answer).  None: anything else, for
+        :meth:`feed`."""
+        if self._buf or self._fds or not self._hello or len(data) < 3:
+            return None
+        kind, length = _HEADER.unpack_from(data)
+        if length != len(data) - 3:
+            return None
+        if kind == b"R":
+            if length != _RELEASE.size:
+                return None
+            rid, grant = _RELEASE.unpack_from(data, 3)
+            return kind, rid, grant
+        if kind == b"Q" and _REQ.size <= length <= MAX_BODY:
+            return kind, _ID.unpack_from(data, 3)[0], data[7:]
+        return None
 
     def take_fds(self) -> list[int]:
         """The descriptors held for a ``B`` frame not complete yet (for the

@@ -56,6 +56,7 @@ from ._protocol import (
     HelloReply,
     Reason,
     SocketRequest,
+    request_fields,
 )
 from ._shared import (
     _CACHE,
@@ -113,6 +114,7 @@ class BrokerServer:
         self._dirty: list[_Connection] = []
         self._flush_due = False
         self._wanted: dict[int, _Wanted] = {}
+        self._by_bytes: dict[bytes, _Wanted] = {}  # the same, by a 'Q' body after its id
 
     # Once per turn of the loop: the audit log, then the answers ---------------
 
@@ -146,6 +148,19 @@ class BrokerServer:
             if len(self._wanted) >= _CACHE:
                 self._wanted.clear()
             w = self._wanted[id(m.request)] = _Wanted(m)
+        return w
+
+    def wanted_bytes(self, rest: bytes) -> _Wanted:
+        """:meth:`wanted` for a ``Q`` frame's body after its id
+        (:meth:`RequestDecoder.whole`), checked as the decoder checks it:
+        raises :class:`BrokerProtocolError` for a malformed one.  The same
+        bytes, the same object, with no message built."""
+        w = self._by_bytes.get(rest)
+        if w is None:
+            m = SocketRequest(0, *request_fields(rest))
+            if len(self._by_bytes) >= _CACHE:
+                self._by_bytes.clear()
+            w = self._by_bytes[rest] = self.wanted(m)
         return w
 
     def create(self, entry: Entry, w: _Wanted) -> None:
