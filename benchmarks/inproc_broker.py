@@ -152,12 +152,13 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--scenario", default="shared", help="the one to --profile")
     args = ap.parse_args()
     if args.profile:
         import cProfile
         import pstats
 
-        state = setup("shared")
+        state = setup(args.scenario)
         cycles(state, 2000)
         prof = cProfile.Profile()
         prof.runcall(cycles, state, args.cycles)
@@ -167,7 +168,7 @@ def main() -> None:
         state = setup(scenario)
         cycles(state, 2000)  # warm up
         us = [cycles(state, args.cycles) for _ in range(args.rounds)]
-        print(f"{scenario}: {statistics.median(us):.2f} us/cycle (rounds {us[0]:.2f}..)")
+        print(f"{scenario}: {statistics.median(us):.2f} us/cycle (median; least {min(us):.2f})")
 
 
 if __name__ == "__main__":

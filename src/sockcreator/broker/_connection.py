@@ -433,7 +433,8 @@ class _Connection:
         (and the answers-unread deadline).  ``resume``: once all is sent,
         go on with the queued frames."""
         server = self.server
-        server.audit.flush()  # every answer's line is written before it is sent
+        if server.audit.lines:
+            server.audit.flush()  # every answer's line is written before it is sent
         out, sock = self.out, self.sock
         while out:
             data, made = out[0]
@@ -458,15 +459,19 @@ class _Connection:
                     self._error("SEND", _ERRNAME.get(e.errno or 0, str(e.errno)))
                 self.close()
                 return
+            if n == len(data):  # all of it: the frames joined in it are gone
+                if made is not None:
+                    server.charge(self)
+                    server.sent(made)  # the descriptor went with the first byte
+                out.popleft()
+                for _ in range(frames - 1):
+                    out.popleft()
+                self.partial = False
+                continue
             if n and made is not None:
                 server.charge(self)
                 server.sent(made)  # the descriptor went with the first byte
                 out[0] = (out[0][0], None)
-            if n == len(data):  # all of it: the frames joined in it are gone
-                for _ in range(frames):
-                    out.popleft()
-                self.partial = False
-                continue
             while n:
                 head = out[0][0]
                 if n < len(head):
@@ -487,7 +492,8 @@ class _Connection:
         if resume:
             if self.status is not None:
                 self._pump_status()
-            self._pump()
+            if self.inq or self.eof or self.paused:  # (else _pump has nothing to do)
+                self._pump()
 
     def _writable(self) -> None:
         try:
@@ -618,7 +624,8 @@ class _Connection:
                 self._granted(rid, w, g)
             else:
                 self._deny(rid, w, *failure)
-            self._pump()
+            if self.inq or self.eof or self.paused:  # (else _pump has nothing to do)
+                self._pump()
         except Exception as e:  # a bug: this connection only
             self._internal(e)
 

@@ -130,6 +130,7 @@ _REQ_REST = struct.Struct("!1s1sH1sBIB")  # the same after the id
 _GRANT = struct.Struct("!IQ1s1s?H")  # 17 bytes before addr
 _DENY = struct.Struct("!IIc")
 _RELEASE = struct.Struct("!IQ")
+_G_HEAD = struct.Struct("!cHIQ")  # a G frame's header, id and grant
 _ID = struct.Struct("!I")
 _LEN = struct.Struct("!H")
 _END = struct.Struct("!II")
@@ -547,7 +548,7 @@ def grant_suffix(
 
 def grant_frame(rid: int, grant: int, suffix: bytes) -> bytes:
     """A whole ``G`` frame from :func:`grant_suffix`."""
-    return _HEADER.pack(b"G", 12 + len(suffix)) + _RELEASE.pack(rid, grant) + suffix
+    return _G_HEAD.pack(b"G", 12 + len(suffix), rid, grant) + suffix
 
 
 @dataclass(frozen=True)

@@ -125,11 +125,14 @@ class BrokerServer:
 
     def queued(self, conn: _Connection) -> None:
         self._dirty.append(conn)
-        self._want_flush()
+        if not self._flush_due:  # (_want_flush inlined)
+            self._flush_due = True
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_due = False
-        self.audit.flush()
+        if self.audit.lines:
+            self.audit.flush()
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn.queued = False
