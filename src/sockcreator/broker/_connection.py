@@ -464,8 +464,9 @@ class _Connection:
                     server.charge(self)
                     server.sent(made)  # the descriptor went with the first byte
                 out.popleft()
-                for _ in range(frames - 1):
-                    out.popleft()
+                if frames > 1:
+                    for _ in range(frames - 1):
+                        out.popleft()
                 self.partial = False
                 continue
             if n and made is not None:
