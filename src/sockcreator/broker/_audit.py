@@ -58,7 +58,7 @@ class Audit:
 
     def __init__(self, fd: int, on_pending: Callable[[], None] | None = None) -> None:
         self._fd = fd
-        self._lines: list[str] = []
+        self.lines: list[str] = []  # buffered (the hot callers append themselves: wake())
         self.on_pending = on_pending
 
     def log(self, event: str, **fields: Any) -> None:
@@ -68,29 +68,39 @@ class Audit:
     def event(self, event: str, body: str) -> None:
         """A line from fragments: ``body`` is the JSON object's fields after
         ``ts`` and ``event`` (their text, comma-separated, no braces)."""
-        lines = self._lines  # (add() inlined: twice per grant and release)
+        lines = self.lines  # (add() inlined: twice per grant and release)
         if not lines and self.on_pending is not None:
             self.on_pending()
         lines.append(f'{{"ts":{time.time():.3f},"event":"{event}",{body}}}')  # (3x round()'s)
 
-    def add(self, line: str) -> None:
-        if not self._lines and self.on_pending is not None:
+    def wake(self) -> None:
+        """For a caller about to append to :attr:`lines` while it is empty
+        (what :meth:`add` does, inlined where it is hot)."""
+        if self.on_pending is not None:
             self.on_pending()
-        self._lines.append(line)
+
+    def add(self, line: str) -> None:
+        if not self.lines and self.on_pending is not None:
+            self.on_pending()
+        self.lines.append(line)
 
     @property
     def pending(self) -> bool:
-        return bool(self._lines)
+        return bool(self.lines)
 
     def flush(self) -> None:
         """Write every buffered line (one write as a rule).  A non-blocking
         log that is full is waited for: a line is never dropped.  A log that
         cannot be written at all (EBADF, EPIPE) loses its lines."""
-        if not self._lines:
+        lines = self.lines
+        if not lines:
             return
-        self._lines.append("")
-        data = "\n".join(self._lines).encode("utf-8", "replace")
-        self._lines.clear()
+        if len(lines) == 1:  # (as a rule: one turn, one event)
+            data = (lines[0] + "\n").encode("utf-8", "replace")
+        else:
+            lines.append("")
+            data = "\n".join(lines).encode("utf-8", "replace")
+        lines.clear()
         while data:
             try:
                 data = data[os.write(self._fd, data) :]

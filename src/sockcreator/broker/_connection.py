@@ -16,6 +16,7 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
+from time import time as _time
 from typing import TYPE_CHECKING
 
 from ..client._errors import SocketCreationError
@@ -64,7 +65,8 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 _ANCBUF = socket.CMSG_SPACE(4)  # one descriptor: a second, or more, is MSG_CTRUNC
-_CMSG_CLOEXEC = socket.MSG_CMSG_CLOEXEC
+_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_CTRUNC = int(socket.MSG_CTRUNC)  # (an IntFlag's & costs a call into enum)
 _SO_DOMAIN, _SO_PROTOCOL = 39, 38
 _KINDS: dict[tuple[int, int], socket.SocketKind] = {
     (socket.SOCK_STREAM, 6): socket.SOCK_STREAM,
@@ -191,7 +193,7 @@ class _Connection:
         self.out: collections.deque[_Out] = collections.deque()  # not sent yet
         self.partial = False  # out[0] is the rest of a frame partly sent
         self.queued = False  # in the server's list for this turn's flush
-        self.waiting: tuple[SocketRequest, _Wanted, Grant] | None = None
+        self.waiting: tuple[int, _Wanted, Grant] | None = None  # (request id, what, grant)
         self.status: Iterator[bytes] | None = None
         self.reading = False
         self.paused = False  # not reading while a 'B' waits (its descriptor is ours)
@@ -243,7 +245,7 @@ class _Connection:
                 for level, k, raw in anc:
                     if level == socket.SOL_SOCKET and k == socket.SCM_RIGHTS:
                         fds += [x for (x,) in _INT.iter_unpack(raw[: len(raw) // 4 * 4])]
-                if flags & socket.MSG_CTRUNC:
+                if flags & _CTRUNC:
                     for fd in fds:
                         dispose(fd)
                     return self.shut(FatalCode.MALFORMED, "more than one descriptor at once")
@@ -260,6 +262,27 @@ class _Connection:
                 if self.decoder.partial:
                     self._error("EOF", "connection closed inside a frame")
             else:
+                got = None
+                if (  # the usual read: one whole 'Q' or 'R', nothing before it to wait for
+                    not fds
+                    and not self.inq
+                    and self.waiting is None
+                    and self.status is None
+                    and not self.writing
+                    and self.binding is None
+                    and not self.paused
+                    and self.in_timer is None
+                ):
+                    got = self.decoder.whole(data)
+                if got is not None:  # handled at once, as _pump would (with nothing after it)
+                    kind, rid, arg = got
+                    if kind == b"R":
+                        return self._release(rid, arg)
+                    try:
+                        w = self.server.wanted_bytes(arg)
+                    except BrokerProtocolError as e:
+                        return self.shut(e.code, str(e))
+                    return self._request(rid, w, None)
                 try:
                     msgs = self.decoder.feed(data, fds)
                 except BrokerProtocolError as e:
@@ -371,11 +394,11 @@ class _Connection:
             m = inq.popleft()
             kind = type(m)
             if kind is SocketRequest:
-                self._request(m)  # type: ignore[arg-type]
+                self._request(m.id, self.server.wanted(m), m.linger)  # type: ignore[union-attr,arg-type]
             elif kind is BindFrame:
                 self._bind(m)  # type: ignore[arg-type]
             elif kind is Release:
-                self._release(m)  # type: ignore[arg-type]
+                self._release(m.id, m.grant)  # type: ignore[union-attr]
             elif kind is StatusQuery:
                 self._status(m)  # type: ignore[arg-type]
             elif kind is Hello:
@@ -411,7 +434,8 @@ class _Connection:
         (and the answers-unread deadline).  ``resume``: once all is sent,
         go on with the queued frames."""
         server = self.server
-        server.audit.flush()  # every answer's line is written before it is sent
+        if server.audit.lines:
+            server.audit.flush()  # every answer's line is written before it is sent
         out, sock = self.out, self.sock
         while out:
             data, made = out[0]
@@ -436,15 +460,20 @@ class _Connection:
                     self._error("SEND", _ERRNAME.get(e.errno or 0, str(e.errno)))
                 self.close()
                 return
+            if n == len(data):  # all of it: the frames joined in it are gone
+                if made is not None:
+                    server.charge(self)
+                    server.sent(made)  # the descriptor went with the first byte
+                out.popleft()
+                if frames > 1:
+                    for _ in range(frames - 1):
+                        out.popleft()
+                self.partial = False
+                continue
             if n and made is not None:
                 server.charge(self)
                 server.sent(made)  # the descriptor went with the first byte
                 out[0] = (out[0][0], None)
-            if n == len(data):  # all of it: the frames joined in it are gone
-                for _ in range(frames):
-                    out.popleft()
-                self.partial = False
-                continue
             while n:
                 head = out[0][0]
                 if n < len(head):
@@ -465,7 +494,8 @@ class _Connection:
         if resume:
             if self.status is not None:
                 self._pump_status()
-            self._pump()
+            if self.inq or self.eof or self.paused:  # (else _pump has nothing to do)
+                self._pump()
 
     def _writable(self) -> None:
         try:
@@ -561,26 +591,26 @@ class _Connection:
 
     # Requests ----------------------------------------------------------------
 
-    def _request(self, m: SocketRequest) -> None:
+    def _request(self, rid: int, w: _Wanted, linger: float | None) -> None:
+        """Request ``rid`` for ``w`` (with its own ``linger`` time: 'q')."""
         server = self.server
-        w = server.wanted(m)
         allowed = self.allowed.get(w)
         if allowed is None:  # the policy is fixed: the same peer and request, the same answer
             if len(self.allowed) >= _POLICY_CACHE:
                 self.allowed.clear()
-            allowed = self.allowed[w] = self.policy.allows(m.request)
+            allowed = self.allowed[w] = self.policy.allows(w.request)
         if not allowed:
-            return self._deny(m, w, Reason.POLICY, errno.EPERM)
+            return self._deny(rid, w, Reason.POLICY, errno.EPERM)
         if w.refusal is not None:
-            return self._deny(m, w, *w.refusal)
-        g = server.table.claim(self, self.peer.uid, m.request, m.backlog, m.share, m.name, w.key)
+            return self._deny(rid, w, *w.refusal)
+        g = server.table.claim(self, self.peer.uid, w.request, w.backlog, w.share, w.name, w.key)
         if isinstance(g, Reason):
-            return self._deny(m, w, g, _ERRNO[g])
-        if m.linger is not None:  # its own ('q'), capped by the broker's --max-linger
-            g.linger = min(m.linger, server.max_linger)
+            return self._deny(rid, w, g, _ERRNO[g])
+        if linger is not None:  # its own ('q'), capped by the broker's --max-linger
+            g.linger = min(linger, server.max_linger)
         if g.entry.sock is not None:
-            return self._granted(m, w, g)
-        self.waiting = (m, w, g)  # until the socket (or its refusal) comes
+            return self._granted(rid, w, g)
+        self.waiting = (rid, w, g)  # until the socket (or its refusal) comes
         if g.creates:
             server.create(g.entry, w)
 
@@ -590,33 +620,40 @@ class _Connection:
         if waiting is None or waiting[2] is not g or self.closed:
             return
         self.waiting = None
-        m, w, _ = waiting
+        rid, w, _ = waiting
         try:
             if failure is None:
-                self._granted(m, w, g)
+                self._granted(rid, w, g)
             else:
-                self._deny(m, w, *failure)
-            self._pump()
+                self._deny(rid, w, *failure)
+            if self.inq or self.eof or self.paused:  # (else _pump has nothing to do)
+                self._pump()
         except Exception as e:  # a bug: this connection only
             self._internal(e)
 
-    def _granted(self, m: SocketRequest, w: _Wanted, g: Grant) -> None:
+    def _granted(self, rid: int, w: _Wanted, g: Grant) -> None:
         entry = g.entry
         made: _Made = entry.extra
-        self.server.audit.event(
-            "grant",
-            f'{self.who},"id":{m.id},"grant":{g.id},{w.share_name},'
-            f'"holders":{len(entry.grants)},"result":"ok",{made.what}',
+        lines = self.server.audit.lines  # (Audit.event inlined, its line in one format)
+        if not lines:
+            self.server.audit.wake()
+        lines.append(
+            f'{{"ts":{_time():.3f},"event":"grant",{self.who},"id":{rid},"grant":{g.id},'
+            f'{w.share_name},"holders":{len(entry.grants)},"result":"ok",{made.what}}}'
         )
-        self._queue(grant_frame(m.id, g.id, made.suffix), made)
+        made.sending += 1  # (_queue inlined)
+        self.out.append((grant_frame(rid, g.id, made.suffix), made))
+        if not self.queued:
+            self.queued = True
+            self.server.queued(self)
 
-    def _deny(self, m: SocketRequest, w: _Wanted, reason: Reason, err: int) -> None:
+    def _deny(self, rid: int, w: _Wanted, reason: Reason, err: int) -> None:
         self.server.audit.event(
             "deny",
-            f'{self.who},"id":{m.id},{w.share_name},"result":"{_ERRNAME.get(err, err)}",'
+            f'{self.who},"id":{rid},{w.share_name},"result":"{_ERRNAME.get(err, err)}",'
             f'"reason":"{reason.name.lower()}",{w.what}',
         )
-        self._queue(Denied(m.id, err, reason).encode())
+        self._queue(Denied(rid, err, reason).encode())
 
     # Binding a client's own socket ('B': run --broker --intercept) -----------
 
@@ -676,26 +713,33 @@ class _Connection:
             server.audit.event("bind", f'{self.who},"id":{m.id},"result":"ok",{what}')
             self._queue(BoundReply(m.id).encode())
 
-    def _release(self, m: Release) -> None:
+    def _release(self, rid: int, grant: int) -> None:
         server = self.server
-        g = server.table.grant(self, m.grant)
+        g = server.table.grant(self, grant)
         if g is None:
             server.audit.event(
                 "deny",
-                f'{self.who},"id":{m.id},"grant":{m.grant},"what":"release",'
+                f'{self.who},"id":{rid},"grant":{grant},"what":"release",'
                 '"result":"EBADF","reason":"unknown"',
             )
-            self._queue(Denied(m.id, errno.EBADF, Reason.UNKNOWN_GRANT).encode())
+            self._queue(Denied(rid, errno.EBADF, Reason.UNKNOWN_GRANT).encode())
             return
         entry = g.entry
         sock = server.table.release(g)
-        server.audit.event(
-            "release",
-            f'{self.who},"id":{m.id},"grant":{g.id},"cause":"request",'
-            f'"holders":{len(entry.grants)},{_what(entry)}',
+        audit = server.audit
+        lines = audit.lines  # (Audit.event inlined, its line in one format)
+        if not lines:
+            audit.wake()
+        lines.append(
+            f'{{"ts":{_time():.3f},"event":"release",{self.who},"id":{rid},"grant":{g.id},'
+            f'"cause":"request","holders":{len(entry.grants)},{entry.extra.what}}}'
         )
-        server.let_go(entry, sock, self.who)
-        self._queue(_K.pack(b"K", 4, m.id))
+        if sock is not None or entry.phantom is not None:
+            server.let_go(entry, sock, self.who)
+        self.out.append((_K.pack(b"K", 4, rid), None))  # (_queue inlined)
+        if not self.queued:
+            self.queued = True
+            self.server.queued(self)
 
     def _status(self, m: StatusQuery) -> None:
         admin = self.server.config.admin_gid

@@ -79,6 +79,7 @@ from ..client._protocol import IPAddress, Request, SocketOptions
 TYPE_CHECKING = False  # (not typing's: see _record)
 if TYPE_CHECKING:
     from dataclasses import dataclass
+    from typing import Any
 else:
     from .._record import dataclass
 
@@ -114,6 +115,7 @@ __all__ = [
     "grant_frame",
     "grant_suffix",
     "lingering",
+    "request_fields",
 ]
 
 VERSION = 2
@@ -131,6 +133,7 @@ _REQ_REST = struct.Struct("!1s1sH1sBIB")  # the same after the id
 _GRANT = struct.Struct("!IQ1s1s?H")  # 17 bytes before addr
 _DENY = struct.Struct("!IIc")
 _RELEASE = struct.Struct("!IQ")
+_G_HEAD = struct.Struct("!cHIQ")  # a G frame's header, id and grant
 _ID = struct.Struct("!I")
 _LEN = struct.Struct("!H")
 _END = struct.Struct("!II")
@@ -311,14 +314,14 @@ ClientMessage = Hello | SocketRequest | Release | StatusQuery | BindFrame
 def _decode_request(body: bytes) -> SocketRequest:
     if len(body) < _REQ.size:
         raise BrokerProtocolError("request too short")
-    return SocketRequest(_ID.unpack_from(body)[0], *_request_fields(body[4:]))
+    return SocketRequest(_ID.unpack_from(body)[0], *request_fields(body[4:]))
 
 
 _RequestFields = tuple[Request, ShareMode, str, int | None]
 
 
 @functools.lru_cache(maxsize=4096)
-def _request_fields(rest: bytes) -> _RequestFields:
+def request_fields(rest: bytes) -> _RequestFields:
     """A request's fields after its id, checked.  Cached: a server sees the
     same few requests again and again, and identical bytes give identical
     (immutable) objects, which lets it cache what it derives from them too.
@@ -386,6 +389,28 @@ class RequestDecoder:
             e.fds = [*self._fds, *(fd for fd in fds if fd not in self._fds)]
             self._fds = []
             raise
+
+    def whole(self, data: bytes) -> tuple[bytes, int, Any] | None:
+        """The common read without building a message: exactly one whole
+        ``Q`` or ``R`` frame, after the hello, with nothing buffered and no
+        descriptor held (the caller passes no descriptors).  ``(b"R", id,
+        grant)``, or ``(b"Q", id, rest)``: ``rest`` is the body after the id,
+        for :func:`request_fields` to check (``feed`` would check it there
+        too: the same bytes, the same answer).  None: anything else, for
+        :meth:`feed`."""
+        if self._buf or self._fds or not self._hello or len(data) < 3:
+            return None
+        kind, length = _HEADER.unpack_from(data)
+        if length != len(data) - 3:
+            return None
+        if kind == b"R":
+            if length != _RELEASE.size:
+                return None
+            rid, grant = _RELEASE.unpack_from(data, 3)
+            return kind, rid, grant
+        if kind == b"Q" and _REQ.size <= length <= MAX_BODY:
+            return kind, _ID.unpack_from(data, 3)[0], data[7:]
+        return None
 
     def take_fds(self) -> list[int]:
         """The descriptors held for a ``B`` frame not complete yet (for the
@@ -527,7 +552,7 @@ def grant_suffix(
 
 def grant_frame(rid: int, grant: int, suffix: bytes) -> bytes:
     """A whole ``G`` frame from :func:`grant_suffix`."""
-    return _HEADER.pack(b"G", 12 + len(suffix)) + _RELEASE.pack(rid, grant) + suffix
+    return _G_HEAD.pack(b"G", 12 + len(suffix), rid, grant) + suffix
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ from ._protocol import (
     HelloReply,
     Reason,
     SocketRequest,
+    request_fields,
 )
 from ._shared import (
     _CACHE,
@@ -113,6 +114,7 @@ class BrokerServer:
         self._dirty: list[_Connection] = []
         self._flush_due = False
         self._wanted: dict[int, _Wanted] = {}
+        self._by_bytes: dict[bytes, _Wanted] = {}  # the same, by a 'Q' body after its id
 
     # Once per turn of the loop: the audit log, then the answers ---------------
 
@@ -123,11 +125,14 @@ class BrokerServer:
 
     def queued(self, conn: _Connection) -> None:
         self._dirty.append(conn)
-        self._want_flush()
+        if not self._flush_due:  # (_want_flush inlined)
+            self._flush_due = True
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_due = False
-        self.audit.flush()
+        if self.audit.lines:
+            self.audit.flush()
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn.queued = False
@@ -146,6 +151,19 @@ class BrokerServer:
             if len(self._wanted) >= _CACHE:
                 self._wanted.clear()
             w = self._wanted[id(m.request)] = _Wanted(m)
+        return w
+
+    def wanted_bytes(self, rest: bytes) -> _Wanted:
+        """:meth:`wanted` for a ``Q`` frame's body after its id
+        (:meth:`RequestDecoder.whole`), checked as the decoder checks it:
+        raises :class:`BrokerProtocolError` for a malformed one.  The same
+        bytes, the same object, with no message built."""
+        w = self._by_bytes.get(rest)
+        if w is None:
+            m = SocketRequest(0, *request_fields(rest))
+            if len(self._by_bytes) >= _CACHE:
+                self._by_bytes.clear()
+            w = self._by_bytes[rest] = self.wanted(m)
         return w
 
     def create(self, entry: Entry, w: _Wanted) -> None:
