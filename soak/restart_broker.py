@@ -147,7 +147,7 @@ def main() -> int:
             while client.counts["ok"] <= served + 5 and time.monotonic() < deadline:
                 time.sleep(0.01)  # the new server is serving: now its graceful stop
             server.send_signal(signal.SIGTERM)
-            statuses.append(server.wait(30))
+            statuses.append(server.wait(60))  # (a graceful stop may take its time)
             time.sleep(max(args.pause, 0.2))
             server = start()
         time.sleep(0.5)

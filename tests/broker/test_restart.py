@@ -97,8 +97,11 @@ def gunicorn() -> Iterator[list[str]]:
             p = os.path.join(root, f)
             if not os.path.islink(p):
                 os.chmod(p, os.stat(p).st_mode | 0o444)
+    # --graceful-timeout: a SIGTERM that lands while a worker is still booting
+    # leaves gunicorn waiting for it for the whole graceful timeout (30 s by
+    # default, as long as the soak waits); seen in CI, gunicorn's own race.
     yield [str(venv / "bin" / "gunicorn"), "--no-control-socket", "--workers", "2",
-           "--chdir", str(d), "wsgi_ok:app"]  # fmt: skip
+           "--graceful-timeout", "5", "--chdir", str(d), "wsgi_ok:app"]  # fmt: skip
     shutil.rmtree(d, ignore_errors=True)
 
 
