@@ -208,16 +208,25 @@ def start_broker(
         argv = [UNSHARE, "-n", "/bin/sh", "-c", script, *argv]
     if nice:
         argv = ["nice", "-n", str(nice), *argv]  # (below 0: as root only)
-    log = open(directory / "audit.log", "wb")  # noqa: SIM115 - lives as long as the broker
-    proc = subprocess.Popen(argv, stdout=log, stderr=log)
-    deadline = time.monotonic() + 30
-    while b'"event":"start"' not in (directory / "audit.log").read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"broker did not start:\n{(directory / 'audit.log').read_text()}")
-        time.sleep(0.02)
+    proc = _start_logging(argv, directory / "audit.log", b'"event":"start"', "broker")
     with open(directory / "audit.log", "rb") as f:
         start = json.loads(next(line for line in f if b'"event":"start"' in line))
     return proc, int(start["creator_pid"])
+
+
+def _start_logging(
+    argv: list[str], log_path: Path, ready: bytes, what: str
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with its output in ``log_path``; return once the log
+    says ``ready`` (exit if it dies or takes over 30 s)."""
+    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(argv, stdout=log, stderr=log)
+    deadline = time.monotonic() + 30
+    while ready not in log_path.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not start:\n{log_path.read_text()}")
+        time.sleep(0.02)
+    return proc
 
 
 FLOOR = Path(__file__).resolve().parent / "floor_broker.py"
@@ -233,13 +242,7 @@ def start_floor(directory: Path, loop: str = "auto") -> tuple[subprocess.Popen[b
     if os.geteuid() == 0:
         script = f'{IP} link set lo up && exec "$0" "$@"'
         argv = [UNSHARE, "-n", "/bin/sh", "-c", script, *argv]
-    log = open(directory / "floor.log", "wb")  # noqa: SIM115 - lives as long as the floor
-    proc = subprocess.Popen(argv, stdout=log, stderr=log)
-    deadline = time.monotonic() + 30
-    while b"creator" not in (directory / "floor.log").read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the floor did not start:\n{(directory / 'floor.log').read_text()}")
-        time.sleep(0.02)
+    proc = _start_logging(argv, directory / "floor.log", b"creator", "the floor")
     words = (directory / "floor.log").read_text().split()
     return proc, int(words[words.index("creator") + 1])
 
