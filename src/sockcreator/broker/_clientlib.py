@@ -87,11 +87,15 @@ def _refused(err: int, reason: Reason, request: Request | None) -> SocketRefused
 
 
 class BrokerFatalError(CreatorFatalError):
-    """The broker is gone or broke the protocol; ``code`` is its ``X`` code."""
+    """The broker is gone or broke the protocol; ``code`` is its ``X`` code;
+    ``timed_out``: it did not answer within the handle's timeout."""
 
-    def __init__(self, message: str, *, code: FatalCode | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: FatalCode | None = None, timed_out: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.timed_out = timed_out
 
 
 @dataclass(frozen=True)

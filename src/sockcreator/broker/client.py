@@ -303,7 +303,7 @@ class Broker:
             try:
                 data, anc, flags, _ = self._sock.recvmsg(_READ, _ANCBUF, RECV_FLAGS)
             except BlockingIOError:  # SO_RCVTIMEO expired
-                self._fatal(f"no answer from the broker within {self._timeout}s")
+                self._fatal(f"no answer from the broker within {self._timeout}s", timed_out=True)
             except ConnectionResetError:
                 data, anc, flags = b"", [], 0
             except OSError as e:
@@ -335,11 +335,13 @@ class Broker:
         if self._dead is not None:
             raise BrokerFatalError(f"broker connection unusable: {self._dead}")
 
-    def _fatal(self, reason: str, code: FatalCode | None = None) -> NoReturn:
+    def _fatal(
+        self, reason: str, code: FatalCode | None = None, *, timed_out: bool = False
+    ) -> NoReturn:
         self._dead = reason
         self._drop_later()
         self._sock.close()
-        raise BrokerFatalError(reason, code=code)
+        raise BrokerFatalError(reason, code=code, timed_out=timed_out)
 
     def _drop_later(self) -> None:
         """Close the descriptors of answers read but never taken."""

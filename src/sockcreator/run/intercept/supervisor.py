@@ -88,7 +88,8 @@ class Supervisor:
         self.listener = listener
         self.program = program
         self.creator = creator
-        self.broker = broker  # (then rules are the broker's, not ours)
+        self.broker = broker  # (None once it failed)
+        self.via_broker = broker is not None  # then the rules are the broker's, not ours
         self.rules = rules
         self.prog = prog
         self.timeout = timeout
@@ -179,14 +180,14 @@ class Supervisor:
             v6only = target.family != socket.AF_INET6 or bool(
                 dup.getsockopt(socket.IPPROTO_IPV6, _IPV6_V6ONLY)
             )
-            if self.broker is None and not allowed(self.rules, proto, target, v6only):
-                return self._denied(n, proto, target)
-            if self.broker is not None:
+            if self.via_broker:
                 err = self._bind_by_broker(dup, target)
                 if err < 0:  # the broker's policy
                     return self._denied(n, proto, target, "by the broker's policy")
-            else:
+            elif allowed(self.rules, proto, target, v6only):
                 err = self._bind(dup, target)
+            else:
+                return self._denied(n, proto, target)
         self.counts["bound" if err == 0 else "failed"] += 1
         if err:
             self._log(f"pid {n.pid}: bind {proto} {target}: {os.strerror(err)}")
@@ -272,7 +273,7 @@ class Supervisor:
         except BrokerFatalError as e:
             self._creator_gone(f"the broker: {e}")
             self.broker = None
-            return errno.EAGAIN if "no answer" in str(e) else errno.EACCES
+            return errno.EAGAIN if e.timed_out else errno.EACCES
         return 0
 
     def _creator_gone(self, why: str) -> None:
