@@ -161,6 +161,41 @@ def _answer(s: socket.socket) -> bytes:
     return head + s.recv(struct.unpack("!H", head[1:])[0]) if len(head) == 3 else head
 
 
+def test_binds_in_a_burst_and_clients_that_vanish_mid_bind(
+    start_broker: Callable[..., BrokerProc],
+) -> None:
+    """Attacks on the 'B' path.  20 'B' frames sent at once, each with its
+    own socket: answered in order, each socket bound (the broker reads one
+    at a time, pausing in between).  Then 30 clients that send a 'B' and
+    close at once, before the answer: the broker lives on, and its
+    descriptors are back where they were."""
+    b = start_broker()
+    before = fd_count(b.pid)
+    socks = [_in_netns(b.pid) for _ in range(20)]
+    with _raw(b.path) as s:
+        s.sendall(HELLO)
+        assert _answer(s)[:1] == b"H"
+        for i, sock in enumerate(socks):
+            _bind_frame(s, [sock.fileno()], BindFrame(100 + i, LOCAL, 8100 + i).encode())
+        answers = [_answer(s) for _ in socks]
+    assert [a[:1] for a in answers] == [b"O"] * 20, answers
+    assert [struct.unpack("!I", a[3:7])[0] for a in answers] == list(range(100, 120))
+    assert [sock.getsockname()[1] for sock in socks] == list(range(8100, 8120))
+    for sock in socks:
+        sock.close()
+    for _ in range(30):
+        sock = _in_netns(b.pid)
+        with _raw(b.path) as s:
+            s.sendall(HELLO)
+            assert _answer(s)[:1] == b"H"
+            _bind_frame(s, [sock.fileno()], BindFrame(1, LOCAL, 8200).encode())
+        sock.close()  # (bound or not: the broker's copy is what counts)
+    with Broker(b.path) as good:
+        good.release_socket(good.request_socket("tcp", "127.0.0.1", 8000))
+    assert b.proc.poll() is None
+    wait_for(lambda: fd_count(b.pid) == before, "the broker back to its descriptor count")
+
+
 def test_what_is_not_a_socket_to_bind_is_refused(
     start_broker: Callable[..., BrokerProc],
 ) -> None:
